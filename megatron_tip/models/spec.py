@@ -1,0 +1,89 @@
+"""A plain, framework-neutral description of a decoder-only LLM.
+
+One ``ModelSpec`` is enough to build the megatron-core GPTModel (``models.builder``), to map HF
+checkpoints in and out (``convert``), and to size memory. It is what a checkpoint stores beside
+its weights so the model can be rebuilt without the HF config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE)."""
+
+    family: str  # "llama", "qwen2", "qwen3" (exact HF model_type)
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # = num_key_value_heads (GQA)
+    ffn_hidden_size: int
+    vocab_size: int  # true vocab (HF config.vocab_size); megatron pads on top of it
+    kv_channels: Optional[int] = None  # head_dim; None -> hidden / heads
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # HF rope_scaling dict (Llama-3.1 "llama3")
+    norm_epsilon: float = 1e-6
+    qk_layernorm: bool = False  # Qwen3
+    add_qkv_bias: bool = False  # Qwen2 / Qwen2.5
+    tie_word_embeddings: bool = False
+    extra_hf_config: dict[str, Any] = field(default_factory=dict)  # round-trips to config.json
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ModelSpec.{name} must be a positive int, got {v!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"ModelSpec: num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"ModelSpec: hidden_size={self.hidden_size} not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; set kv_channels")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.kv_channels)
+
+    def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
+        """Vocab rows after padding so each of ``tp`` shards is a multiple of ``divisible_by``."""
+        multiple = divisible_by * tp
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded model (embeddings counted once when tied)."""
+        h, f, v, d = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
+        attn += 2 * d if self.qk_layernorm else 0
+        layer = attn + 3 * h * f + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ModelSpec: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()))
