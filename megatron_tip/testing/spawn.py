@@ -5,6 +5,7 @@ A hung collective must fail the calling test, not stall CI: the parent waits at 
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -42,7 +43,11 @@ def _worker(fn, rank, world_size, port, results, args, kwargs, init_dist: bool, 
                 timeout=timedelta(seconds=collective_timeout),
             )
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
+        # Serialize to bytes: tensors sent as-is travel as shared-memory handles that die with
+        # this process before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - ship every failure to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -85,7 +90,7 @@ def run_distributed(
         _CTX.Process(
             target=_worker,
             args=(fn, r, world_size, port, results, args, kwargs, init_dist, max(timeout, 10)),
-            daemon=True,
+            daemon=False,  # ranks may start children (dist_checkpointing writers); we kill on timeout
         )
         for r in range(world_size)
     ]
@@ -133,4 +138,6 @@ def run_distributed(
         if missing:
             msg.append(f"ranks without a result (hung or killed): {missing}")
         raise RankFailure("\n".join(msg))
-    return [outs[r][1] for r in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(outs[r][1]), weights_only=False) for r in range(world_size)]
