@@ -95,7 +95,8 @@ def budget(m: torch.Tensor, keep_ratio: float, min_keep: int = 0) -> torch.Tenso
 def per_row_topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """bool [B, S]: the k[b] highest valid scores of each row, ties to the lower index."""
     key = ordered_key(scores).long()
-    key = torch.where(valid, key, torch.full_like(key, -(1 << 62)))  # below every float key
+    # int64 min lies below the key of every non-NaN float32/float64, -inf included
+    key = torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).min))
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     take = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
     return torch.zeros_like(valid).scatter(1, order, take) & valid
