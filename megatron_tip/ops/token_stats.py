@@ -71,18 +71,25 @@ class VocabParallelTokenStatsMath:
         torch.exp(shifted, out=expd)
 
     @staticmethod
-    def partial_sums(s, t, es, et, d, out: torch.Tensor, full: bool) -> torch.Tensor:
+    def partial_sums(sdt: torch.Tensor, es: torch.Tensor, et: torch.Tensor, out: torch.Tensor,
+                     full: bool) -> torch.Tensor:
         """Fill ``out`` [6, rows] with shard partial sums Z_S, Z_T, <es,d>, <et,d>, <es,s>, <et,t>.
 
-        ``full=False`` skips the last three (only reverse KL needed).
+        ``sdt`` [rows, 3, v] holds s, t in slots 0, 2; d = s - t is written to slot 1 so that
+        (s, d) and (d, t) are each one strided [v, 2] operand: one batched mat-vec reads ``es``
+        (``et``) once for two dot products, with no [rows, v] temporary.
+        ``full=False`` computes only Z_S, Z_T, <es,d> (reverse KL).
         """
-        torch.sub(s, t, out=d)
+        torch.sub(sdt[:, 0], sdt[:, 2], out=sdt[:, 1])
         torch.sum(es, dim=-1, out=out[0])
         torch.sum(et, dim=-1, out=out[1])
-        # Batched row dot products: no [rows, v] temporary (unlike (a * b).sum(-1)).
-        pairs = [(es, d, 2)] + ([(et, d, 3), (es, s, 4), (et, t, 5)] if full else [])
-        for a, b, i in pairs:
-            torch.bmm(a.unsqueeze(1), b.unsqueeze(2), out=out[i].view(-1, 1, 1))
+        if not full:
+            torch.bmm(es.unsqueeze(1), sdt[:, 1].unsqueeze(2), out=out[2].view(-1, 1, 1))
+            return out
+        sd = torch.bmm(es.unsqueeze(1), sdt[:, 0:2].transpose(1, 2)).view(-1, 2)  # <es,s>, <es,d>
+        dt = torch.bmm(et.unsqueeze(1), sdt[:, 1:3].transpose(1, 2)).view(-1, 2)  # <et,d>, <et,t>
+        out[2], out[4] = sd[:, 1], sd[:, 0]
+        out[3], out[5] = dt[:, 0], dt[:, 1]
         return out
 
     @staticmethod
@@ -147,7 +154,8 @@ def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_
     rows = max(1, min(rows, n))
     dev = zs2.device
     # Work buffers, reused by every chunk (the last chunk uses a prefix of the rows).
-    buf = torch.empty(5, rows, v_valid, dtype=dtype, device=dev)
+    sdt_buf = torch.empty(rows, 3, v_valid, dtype=dtype, device=dev)  # s, d, t (see partial_sums)
+    exp_buf = torch.empty(2, rows, v_valid, dtype=dtype, device=dev)
     n_red = 7 if target_ids is not None else 6
     maxes = torch.empty(2, n, dtype=dtype, device=dev)
     sums = torch.empty(n_red, n, dtype=dtype, device=dev)
@@ -165,14 +173,15 @@ def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_
         if world > 1:
             dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=tp_group)
         maxes[:, r0:r1] = mx
-        s, t, es, et, d = (b[:k] for b in buf)
+        sdt, es, et = sdt_buf[:k], exp_buf[0, :k], exp_buf[1, :k]
+        s, t = sdt[:, 0], sdt[:, 2]
         m.shift_exp(zs, mx[0], s, es)
         m.shift_exp(zt, mx[1], t, et)
         out = sum_buf[: n_red * k].view(n_red, k)
         if v_valid == 0:
             out.zero_()
         else:
-            m.partial_sums(s, t, es, et, d, out[:6], full)
+            m.partial_sums(sdt, es, et, out[:6], full)
             if not full:
                 out[3:6].zero_()
         if target_ids is not None:
