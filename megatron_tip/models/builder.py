@@ -106,20 +106,29 @@ def build_gpt_model(
     pp_rank: int = 0,
     params_dtype: torch.dtype = torch.float32,
     max_sequence_length: Optional[int] = None,
+    padded_vocab_size: Optional[int] = None,
+    per_token_loss: bool = False,
 ):
     """Build this rank's GPTModel stage (megatron parallel_state must be initialized).
 
     The output layer has ``spec.padded_vocab_size(tp)`` rows split over TP; rows at or past
     ``spec.vocab_size`` are padding (callers mask them, see ``megatron_tip.ops``).
+    ``padded_vocab_size`` overrides the padding (teacher and student must shard alike).
+    ``per_token_loss``: megatron's calculate_per_token_loss (loss funcs return sums + counts).
     """
     from megatron.core.models.gpt import GPTModel
 
     check_model_parallel(spec, tp=tp, pp=pp)
     config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype)
+    config.calculate_per_token_loss = per_token_loss
+    vocab = padded_vocab_size or spec.padded_vocab_size(tp, VOCAB_DIVISIBLE_BY)
+    if vocab < spec.vocab_size or vocab % tp:
+        raise ValueError(f"padded_vocab_size={vocab} must be >= vocab_size={spec.vocab_size} "
+                         f"and divisible by tensor_parallel size {tp}")
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(spec),
-        vocab_size=spec.padded_vocab_size(tp, VOCAB_DIVISIBLE_BY),
+        vocab_size=vocab,
         max_sequence_length=max_sequence_length or spec.max_position_embeddings,
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp - 1,

@@ -58,14 +58,16 @@ def _worker(fn, rank, world_size, port, results, args, kwargs, init_dist: bool, 
 
 
 def _teardown() -> None:
+    import sys
+
     import torch.distributed as dist
 
-    try:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-    except Exception:  # noqa: BLE001
-        pass
+    ps = sys.modules.get("megatron.core.parallel_state")  # never import megatron just to tear down
+    if ps is not None:
+        try:
+            ps.destroy_model_parallel()
+        except Exception:  # noqa: BLE001
+            pass
     if dist.is_initialized():
         dist.destroy_process_group()
 

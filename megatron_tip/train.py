@@ -1,0 +1,59 @@
+"""Entry point: python -m megatron_tip.train --config CONFIG.yaml [key.sub=value ...]
+
+Works as a single process (CPU default), under torchrun, and under srun (see slurm/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_tip.config import load_config
+from megatron_tip.distributed import destroy_parallel, init_parallel
+from megatron_tip.metrics_log import MetricsLogger
+from megatron_tip.run_setup import TrainingSetup, remove_incomplete_checkpoints
+from megatron_tip.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML run config (examples/configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selection.keep_ratio=0.2")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    ctx = init_parallel(cfg.parallel.tensor_parallel, pp=cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    out = cfg.train.out_dir
+    try:
+        setup = TrainingSetup(cfg, ctx)
+        start = 0
+        if cfg.train.resume:
+            start = setup.resume(out)
+        elif ctx.rank == 0:
+            remove_incomplete_checkpoints(out)
+        if ctx.rank == 0:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        trainer = Trainer(cfg, ctx, setup)
+        logger = MetricsLogger(out, enabled=ctx.rank == 0, total_steps=cfg.train.steps,
+                               start_step=start, tensorboard=cfg.train.tensorboard)
+        last: dict = {}
+        for step in range(start, cfg.train.steps):
+            last = trainer.train_step(step)
+            logger.log(last)
+            final = step == cfg.train.steps - 1
+            if final or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                setup.save(step, out)
+        logger.close()
+        if ctx.rank == 0:
+            print(json.dumps({"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out}))
+        return last
+    finally:
+        if dist.is_initialized():
+            destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

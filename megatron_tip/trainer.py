@@ -1,0 +1,222 @@
+"""On-policy distillation with TIP token selection: one step reads as the algorithm.
+
+    rollouts  -> teacher hidden states (no grad) -> student scoring + token stats (no grad)
+              -> selection (global-batch statistics) -> gradient pass on kept positions only
+              -> optimizer step -> weight sync to the rollout engine
+
+Memory: the scoring pass keeps only the teacher's final hidden states [S, B, H] per micro-batch
+(logits are recomputed from them chunk by chunk), and the gradient pass applies both output
+layers only at kept positions, so logits memory scales with the keep ratio (DESIGN §1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tip.config import RunConfig
+from megatron_tip.data import PackedBatch, pack_rollouts
+from megatron_tip.distributed import ParallelContext
+from megatron_tip.loss import kept_reverse_kl_loss
+from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
+from megatron_tip.ops import vocab_parallel_token_stats
+from megatron_tip.rollout.base import SamplingParams
+from megatron_tip.selection import select_tokens
+from megatron_tip.run_setup import TrainingSetup
+
+
+@dataclass
+class ScoredBatch:
+    """Everything the gradient pass needs from the scoring pass (last stage holds the stats)."""
+
+    packed: PackedBatch
+    microbatches: list[dict]
+    teacher_hidden: list[torch.Tensor]  # per micro-batch [S, b, H] (last stage; else empty)
+    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each (last stage; else None)
+
+
+class Trainer:
+    """Drives the OPD loop over a ``TrainingSetup`` (models, optimizer, engine, data, logger)."""
+
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, setup: TrainingSetup) -> None:
+        self.cfg, self.ctx, self.s = cfg, ctx, setup
+        self.skipped_steps = 0
+
+    # ---- 1. rollouts ---------------------------------------------------------------------------
+    def rollouts(self, step: int) -> tuple[list, list]:
+        cfg, ctx = self.cfg, self.ctx
+        per_rank = cfg.train.prompts_per_step // ctx.dp
+        prompts = self.s.dataset.batch(step, size=cfg.train.prompts_per_step)
+        mine = prompts[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
+        params = SamplingParams(
+            n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed * 1_000_003 + step * 7919 + ctx.dp_rank, stop_token_ids=self.s.stop_ids)
+        return mine, self.s.engine.generate([p.ids for p in mine], params)
+
+    def microbatches(self, packed: PackedBatch) -> list[dict]:
+        """Split [B, S] into equal micro-batches (the pipeline schedule needs one shape)."""
+        mbs, b = self.cfg.train.micro_batch_size, packed.input_ids.shape[0]
+        out = []
+        for start in range(0, b, mbs):
+            sl = slice(start, min(start + mbs, b))
+            mb = {"input_ids": packed.input_ids[sl], "position_ids": packed.position_ids[sl],
+                  "target_ids": packed.target_ids[sl], "valid": packed.valid[sl], "rows": sl}
+            short = mbs - mb["input_ids"].shape[0]
+            if short:  # pad with all-pad rows that count nowhere
+                for k in ("input_ids", "position_ids", "target_ids", "valid"):
+                    mb[k] = torch.cat([mb[k], mb[k][:1].expand(short, -1).clone()])
+                mb["valid"][-short:] = False
+            out.append(mb)
+        return out
+
+    # ---- 2. teacher + student scoring (no grad) ----------------------------------------------
+    @torch.no_grad()
+    def score(self, packed: PackedBatch) -> ScoredBatch:
+        s, ctx = self.s, self.ctx
+        mbs = self.microbatches(packed)
+        hidden: list[torch.Tensor] = []
+        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        dummy = lambda mb, out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), {})  # noqa: E731
+        # Teacher: keep hidden states only; its full logits are never materialized here.
+        with capture_hidden(s.teacher, hidden):
+            run_microbatches(s.teacher, mbs, dummy, forward_only=True,
+                             prepare=lambda mb: output_positions(s.teacher, empty))
+        stats_rows: list[dict] = []
+
+        def on_student(mb, logits):  # logits [b, S, V/TP]
+            i = len(stats_rows)
+            t_logits = output_logits(s.teacher, hidden[i].transpose(0, 1).reshape(-1, hidden[i].shape[-1]))
+            st = vocab_parallel_token_stats(
+                logits.reshape(-1, logits.shape[-1]), t_logits, tp_group=ctx.tp_group,
+                vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size,
+                target_ids=mb["target_ids"].reshape(-1))
+            shape = mb["input_ids"].shape
+            stats_rows.append({k: getattr(st, k).reshape(shape) for k in
+                               ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")})
+            return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
+
+        run_microbatches(s.student, mbs, on_student, forward_only=True)
+        stats = None
+        if stats_rows:
+            b = packed.input_ids.shape[0]
+            stats = {k: torch.cat([r[k] for r in stats_rows])[:b] for k in stats_rows[0]}
+        return ScoredBatch(packed, mbs, hidden, stats)
+
+    # ---- 4. gradient pass on kept positions ----------------------------------------------------
+    def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> None:
+        s, ctx = self.s, self.ctx
+        index_of = []
+        for mb in scored.microbatches:
+            if mask is None:  # non-last PP stage: no output layer here
+                index_of.append(None)
+                continue
+            m = torch.zeros_like(mb["valid"])
+            rows = mask[mb["rows"]]
+            m[: rows.shape[0]] = rows
+            b_idx, s_idx = m.nonzero(as_tuple=True)
+            index_of.append((b_idx, s_idx))
+        position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
+
+        def prepare(mb):
+            return output_positions(s.student, index_of[position[id(mb)]])
+
+        def on_output(mb, logits):  # [1, n, V/TP] at kept positions
+            i = position[id(mb)]
+            b_idx, s_idx = index_of[i]
+            t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
+            with torch.no_grad():
+                t_logits = output_logits(s.teacher, t_hidden)
+            return kept_reverse_kl_loss(logits[0], t_logits, tp_group=ctx.tp_group,
+                                        vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size)
+
+        s.student.train()
+        s.student.zero_grad_buffer()
+        s.optimizer.zero_grad()
+        run_microbatches(s.student, scored.microbatches, on_output, forward_only=False, prepare=prepare)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        ctx, s, cfg = self.ctx, self.s, self.cfg
+        t0 = time.perf_counter()
+        prompts, rollouts = self.rollouts(step)
+        packed = pack_rollouts(rollouts, pad_id=s.pad_id)
+        t1 = time.perf_counter()
+        scored = self.score(packed)
+        t2 = time.perf_counter()
+
+        # NaN/inf anywhere must skip the step on *every* rank (selection would raise otherwise).
+        bad = torch.zeros(1)
+        if scored.stats is not None:
+            v = packed.valid
+            bad[0] = float(any(not torch.isfinite(t[v]).all() for k, t in scored.stats.items()
+                               if k != "target_logprob"))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.skipped_steps += 1
+            return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+
+        metrics: dict[str, float] = {}
+        mask = None
+        if scored.stats is not None:
+            st = scored.stats
+            sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
+                                forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=step)
+            mask = sel.mask
+            metrics.update(sel.metrics)
+            metrics.update(self._teacher_entropy(st, packed.valid))
+        # Megatron divides gradients by the global kept count: with none kept there is no step.
+        n_kept = torch.tensor([metrics.get("n_kept", 0.0)])
+        dist.all_reduce(n_kept, op=dist.ReduceOp.MAX)  # last-stage ranks carry the global count
+        if n_kept.item() == 0:
+            self.skipped_steps += 1
+            return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+        t3 = time.perf_counter()
+        lr = s.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        self.gradient_pass(scored, mask)
+        ok, grad_norm, _ = s.optimizer.step()
+        s.scheduler.step(increment=1)
+        t4 = time.perf_counter()
+        s.sync_engine_weights()
+        t5 = time.perf_counter()
+
+        metrics.update(s.rollout_metrics(prompts, rollouts, packed))
+        metrics.update(self._loss_from_stats(scored, mask))
+        n_tokens = float(packed.valid.sum())
+        metrics.update({
+            "step": step, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "update_ok": float(bool(ok)), "skipped_steps": float(self.skipped_steps),
+            "time_rollout_s": t1 - t0, "time_score_s": t2 - t1, "time_select_s": t3 - t2,
+            "time_train_s": t4 - t3, "time_sync_s": t5 - t4,
+            "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            "score_tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
+            "train_tokens_per_s": n_tokens / max(t4 - t3, 1e-9),
+            "peak_memory_gb": s.peak_memory_gb(),
+        })
+        return metrics
+
+    def _loss_from_stats(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> dict[str, float]:
+        """Loss value (global mean reverse KL over kept tokens), from the scoring pass's exact KLs.
+
+        The gradient pass computes the same quantity at the same weights; taking it from the
+        stats keeps the logging path independent of the pipeline schedule's return values.
+        """
+        sums = torch.zeros(2, dtype=torch.float64)
+        if scored.stats is not None and mask is not None:
+            sums[0] = scored.stats["reverse_kl"][mask].double().sum()
+            sums[1] = mask.sum()
+            dist.all_reduce(sums, group=self.ctx.dp_group)
+        dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # share the last stage's value with all ranks
+        return {"loss": float(sums[0] / sums[1]) if sums[1] > 0 else math.nan}
+
+    def _teacher_entropy(self, st, valid) -> dict[str, float]:
+        """Mean normalized teacher entropy over the global batch (logged only, DESIGN §1)."""
+        te = torch.stack([st["teacher_entropy"][valid].double().sum(), valid.sum().double()])
+        dist.all_reduce(te, group=self.ctx.dp_group)
+        mean = float(te[0] / te[1]) / math.log(self.s.vocab_size) if te[1] > 0 else math.nan
+        return {"mean_teacher_h": mean}
