@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 1234
     out_dir: str = "runs/default"
     save_every: int = 0  # 0: save only at the end
+    exit_interval: int = 0  # >0: checkpoint and exit after this many steps in this invocation
     resume: bool = False
     stats_chunk_size: Optional[int] = None  # token chunk for the vocab-parallel ops
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length

@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
             last = trainer.train_step(step)
             logger.log(last)
             final = step == cfg.train.steps - 1
-            if final or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            leaving = bool(cfg.train.exit_interval) and step + 1 - start >= cfg.train.exit_interval
+            if final or leaving or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 setup.save(step, out)
+            if leaving:
+                break
         logger.close()
         if ctx.rank == 0:
             print(json.dumps({"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out}))
