@@ -95,7 +95,7 @@ def accuracy(model, tok: PreTrainedTokenizerBase, problems: list, *, temperature
 
     model.eval()
     torch.manual_seed(seed)
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"  # restored below: the saved tokenizer pads right
     correct = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i: i + batch_size]
@@ -105,6 +105,7 @@ def accuracy(model, tok: PreTrainedTokenizerBase, problems: list, *, temperature
         texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         correct += sum(extract_boxed(t) == p.answer for t, p in zip(texts, chunk))
     model.train()
+    tok.padding_side = side
     return correct / len(problems)
 
 
