@@ -67,7 +67,8 @@ def setup(tmp_path_factory):
     build_tokenizer(out)
     model = build_model(out)
     t0 = time.time()
-    engine = make_engine("vllm", hf_dir=out, dtype="float32", max_model_len=128, seed=0)
+    # block_size 32 (CPU default 128) so a 40-token prompt fills a block and prefix caching is exercised.
+    engine = make_engine("vllm", hf_dir=out, dtype="float32", max_model_len=128, seed=0, block_size=32)
     print(f"\nvLLM engine start-up: {time.time() - t0:.1f}s")
     yield model, engine
     engine.close()
@@ -129,8 +130,9 @@ def test_greedy_and_logprobs_match_hf(setup):
 
 def test_sync_weights_changes_outputs_to_updated_model(setup):
     model, engine = setup
-    prompt, response = PROMPTS[0], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    prompt, response = [int(t) for t in torch.arange(40) * 7 % 290 + 4], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
     before = torch.tensor(engine.logprobs_of(prompt, response))
+    engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=4))  # caches the prompt's first block
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
     # A "training step": a random update to every weight of the HF model.
@@ -150,8 +152,8 @@ def test_sync_weights_changes_outputs_to_updated_model(setup):
         print(f"\nsync {sync_s:.2f}s; |after-before| max {moved:.3f}; max |dlogprob| vs updated HF {err:.2e}")
         assert moved > 1e-2, "sync_weights did not change vLLM's outputs"
         assert err < ATOL
-        # Generation (not only scoring) uses the new weights, prefix cache included: the prompt's
-        # KV was cached under the old weights by earlier tests.
+        # Generation (not only scoring) uses the new weights: the prompt's first KV block, cached
+        # under the old weights above, must not be reused.
         model.generation_config.eos_token_id = None
         greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=12))[0]
         with torch.no_grad():
