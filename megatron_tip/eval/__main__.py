@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = check_hf_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)
     thinking = None if args.enable_thinking is None else args.enable_thinking == "true"
     fmt = resolve_format(tokenizer, fmt=args.prompt_format, model_dir=model_dir,
                          instruction=args.instruction, enable_thinking=thinking)
