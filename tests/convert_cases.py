@@ -8,10 +8,10 @@ import torch
 VOCAB = 200  # not a multiple of 128: exercises vocab padding
 
 
-def hf_config(family: str):
+def hf_config(family: str, vocab: int = VOCAB):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                   bos_token_id=1, eos_token_id=2, torch_dtype="float32",
                   initializer_range=0.1)  # O(1) logits: mapping errors cannot hide
@@ -29,12 +29,12 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def make_hf_model(family: str, path: Path, *, seed: int = 0, **save_kwargs) -> Path:
+def make_hf_model(family: str, path: Path, *, seed: int = 0, vocab: int = VOCAB, **save_kwargs) -> Path:
     """save_pretrained a random model; norms and biases perturbed so bad mappings show."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(family, vocab), torch_dtype=torch.float32)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):
