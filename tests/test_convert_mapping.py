@@ -117,6 +117,11 @@ def test_hf_canonical_hf_is_bit_exact(family, tmp_path):
                          spec.hidden_size)
     back = dict(canonical_to_hf(canon, spec))
     assert back.keys() == sd.keys()
+    stage = {k: v for k, v in canon.items() if k.startswith("decoder.layers.1.")}
+    assert set(dict(canonical_to_hf(stage, spec, partial=True))) == {
+        k for k in sd if k.startswith("model.layers.1.")}
+    with pytest.raises(KeyError, match="embedding.word_embeddings.weight"):
+        dict(canonical_to_hf(stage, spec))
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
 

@@ -224,15 +224,19 @@ def hf_to_canonical(hf_tensors: HFTensors, spec: ModelSpec, *, strict: bool = Tr
     return out
 
 
-def canonical_to_hf(canonical: Mapping[str, torch.Tensor], spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
+def canonical_to_hf(canonical: Mapping[str, torch.Tensor], spec: ModelSpec, *,
+                    partial: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (HF name, HF-shaped tensor) from a canonical dict; vocab is the true vocab.
 
     Accepts TE-spec names and vocab-padded embeddings (rows past ``spec.vocab_size`` are cut).
-    Yielded tensors may be views of the inputs. KeyError names a missing canonical tensor.
+    Yielded tensors may be views of the inputs. KeyError names a missing canonical tensor unless
+    ``partial`` (e.g. one pipeline stage's tensors: only those present are converted).
     """
     names = {from_te_names(k): k for k in canonical}
     for rule, cname, hf_names in all_names(spec):
         if cname not in names:
+            if partial:
+                continue
             raise KeyError(f"canonical state dict lacks {cname!r}")
         t = canonical[names[cname]]
         if cname in ("embedding.word_embeddings.weight", "output_layer.weight"):
