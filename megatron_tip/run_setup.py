@@ -124,9 +124,17 @@ class TrainingSetup:
                              model_dir=tokenizer_dir(cfg.student.path), enable_thinking=cfg.data.enable_thinking)
         encode = lambda text: self.tokenizer(build_prompt(text, tokenizer=self.tokenizer, fmt=fmt),  # noqa: E731
                                              add_special_tokens=fmt.add_special_tokens)["input_ids"]
+        self._encode = encode
         self.dataset = PromptDataset(cfg.data.prompts, encode=encode, max_prompt_len=cfg.data.max_prompt_len,
                                      seed=cfg.train.seed)
         self.engine = self._engine()
+
+    def eval_dataset(self) -> Optional[PromptDataset]:
+        """Held-out prompts (train.eval_prompts), formatted like the training prompts; or None."""
+        if not self.cfg.train.eval_prompts:
+            return None
+        return PromptDataset(self.cfg.train.eval_prompts, encode=self._encode,
+                             max_prompt_len=self.cfg.data.max_prompt_len, seed=self.cfg.train.seed)
 
     def _build(self, spec: ModelSpec, mc, padded: int, *, train: bool):
         ctx = self.ctx
@@ -146,9 +154,17 @@ class TrainingSetup:
 
             return MegatronEngine(self.student, ctx=self.ctx, vocab_size=self.vocab_size,
                                   pad_id=self.pad_id, micro_batch_size=max(self.cfg.train.micro_batch_size, 8))
-        from megatron_tip.rollout.tp_vllm import TPBroadcastVLLM
+        from megatron_tip.rollout.colocated import TPColocatedEngine
+        from megatron_tip.rollout.vllm_engine import VLLMEngine
 
-        return TPBroadcastVLLM(self.cfg, self.ctx, hf_dir=self.cfg.student.path)
+        if not (Path(self.cfg.student.path) / "config.json").is_file():
+            raise ValueError("rollout.engine=vllm starts vLLM from the student's HF dir; student.path "
+                             "is a megatron checkpoint (convert it with tools/convert_checkpoint.py)")
+        dtype = self.cfg.student.dtype
+        max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
+        return TPColocatedEngine(lambda: VLLMEngine(
+            self.cfg.student.path, dtype=dtype, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            max_model_len=max_len, seed=self.cfg.train.seed), ctx=self.ctx)
 
     def sync_engine_weights(self) -> None:
         """Push the student's weights into the rollout engine (no-op for the megatron engine)."""

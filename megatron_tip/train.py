@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(cfg, ctx, setup)
         logger = MetricsLogger(out, enabled=ctx.rank == 0, total_steps=cfg.train.steps,
                                start_step=start, tensorboard=cfg.train.tensorboard)
+        evalset = setup.eval_dataset()
+        evals: dict = {}
+        if evalset is not None and start == 0:
+            evals["before"] = trainer.evaluate(evalset, limit=cfg.train.eval_limit)
+            _report(ctx, "held-out before", evals["before"])
         last: dict = {}
         for step in range(start, cfg.train.steps):
             last = trainer.train_step(step)
@@ -50,12 +55,22 @@ def main(argv: list[str] | None = None) -> dict:
             if leaving:
                 break
         logger.close()
+        if evalset is not None and last.get("step") == cfg.train.steps - 1:
+            evals["after"] = trainer.evaluate(evalset, limit=cfg.train.eval_limit)
+            _report(ctx, "held-out after", evals["after"])
         if ctx.rank == 0:
-            print(json.dumps({"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out}))
-        return last
+            summary = {"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out, "eval": evals}
+            (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary))
+        return {**last, **{f"{k}_{m}": v for k, d in evals.items() for m, v in d.items()}}
     finally:
         if dist.is_initialized():
             destroy_parallel()
+
+
+def _report(ctx, title: str, metrics: dict) -> None:
+    if ctx.rank == 0:
+        print(f"{title}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
 
 if __name__ == "__main__":
