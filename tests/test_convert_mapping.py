@@ -149,3 +149,24 @@ def test_hf_to_canonical_errors():
         [canon["embedding.word_embeddings.weight"], torch.zeros(56, 64)])
     out = dict(canonical_to_hf(canon, spec))
     assert torch.equal(out["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("save_kwargs", [{}, {"max_shard_size": "40KB"}, {"safe_serialization": False}],
+                         ids=["safetensors", "sharded", "bin"])
+def test_reader_and_lazy_canonical(tmp_path, save_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_tip.convert.hf_io import HFCheckpointReader, LazyCanonical, check_hf_checkpoint
+
+    d = make_hf_model("qwen3", tmp_path / "hf", **save_kwargs)
+    sd = AutoModelForCausalLM.from_pretrained(d).state_dict()
+    spec = spec_from_hf_config(json.loads((d / "config.json").read_text()))
+    reader = HFCheckpointReader(d)
+    check_hf_checkpoint(reader, spec)
+    lazy, eager = LazyCanonical(reader, spec), hf_to_canonical(sd, spec)
+    assert set(lazy) == set(eager)
+    for k in eager:
+        assert torch.equal(lazy[k], eager[k]), k
+    # TE-spec names resolve to the same tensors
+    assert torch.equal(lazy["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"],
+                       eager["decoder.layers.0.input_layernorm.weight"])

@@ -129,3 +129,19 @@ def test_tp2_checkpoint_loads_at_tp1_with_other_vocab_padding(tmp_path):
     stats = compare_logits(ref, out)
     print(f"\nqwen3 vocab=300 saved TP=2 loaded TP=1: max|dlogit|={stats['max_abs_diff']:.2e}")
     assert stats["max_abs_diff"] <= TOL, stats
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_round_trip_is_bit_exact(tmp_path):
+    """dtype auto: a bf16 HF model stays bf16 in megatron (TP=2) and comes back bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from convert_cases import hf_config
+    from megatron_tip.convert import hf_to_megatron
+
+    cfg = hf_config("llama")
+    cfg.torch_dtype = "bfloat16"
+    AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=2)
+    assert json.loads((tmp_path / "mg" / "metadata.json").read_text())["params_dtype"] == "bfloat16"
+    _check_round_trip(tmp_path / "hf", tmp_path / "mg", tmp_path / "out")
