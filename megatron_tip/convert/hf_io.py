@@ -130,10 +130,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, *, spec: 
                               layer_offset=layer_offset, vocab_size=spec.vocab_size)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def save_hf_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, *,
                         max_shard_bytes: int = 5 * 2**30, dtype: Optional[torch.dtype] = None,
                         progress: bool = False, total: Optional[int] = None) -> list[str]:
