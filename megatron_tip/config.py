@@ -84,6 +84,7 @@ class TrainConfig:
     stats_chunk_size: Optional[int] = None  # token chunk for the vocab-parallel ops
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
     tensorboard: bool = True
+    dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
     eval_prompts: str = ""  # optional held-out JSONL, evaluated at the end (greedy+sampled)
     eval_limit: int = 64
 

@@ -169,6 +169,8 @@ class Trainer:
             mask = sel.mask
             metrics.update(sel.metrics)
             metrics.update(self._teacher_entropy(st, packed.valid))
+            if cfg.train.dump_token_stats and step == cfg.train.steps - 1 and ctx.dp_rank == 0 and ctx.tp_rank == 0:
+                self._dump_token_stats(step, st, packed.valid, sel)
         # Megatron divides gradients by the global kept count: with none kept there is no step.
         n_kept = torch.tensor([metrics.get("n_kept", 0.0)])
         dist.all_reduce(n_kept, op=dist.ReduceOp.MAX)  # last-stage ranks carry the global count
@@ -233,6 +235,17 @@ class Trainer:
             dist.all_reduce(sums, group=self.ctx.dp_group)
         dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # share the last stage's value with all ranks
         return {"loss": float(sums[0] / sums[1]) if sums[1] > 0 else math.nan}
+
+    def _dump_token_stats(self, step: int, st, valid, sel) -> None:
+        """This rank's valid tokens of one step: h, reverse/forward KL, kept mask, quadrant thresholds."""
+        from pathlib import Path
+
+        path = Path(self.cfg.train.out_dir) / f"token_stats_step{step:06d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"norm_entropy": st["norm_entropy"][valid], "reverse_kl": st["reverse_kl"][valid],
+                    "forward_kl": st["forward_kl"][valid], "kept": sel.mask[valid],
+                    "quadrant": sel.quadrant[valid], "h_threshold": sel.metrics.get("h_threshold"),
+                    "kl_threshold": sel.metrics.get("kl_threshold")}, path)
 
     def _teacher_entropy(self, st, valid) -> dict[str, float]:
         """Mean normalized teacher entropy over the global batch (logged only, DESIGN §1)."""

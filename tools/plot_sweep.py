@@ -1,0 +1,131 @@
+"""Plots of a token-budget sweep (tools/sweep_tip.py): PNGs next to the CSV or in --out.
+
+- accuracy_vs_keep_ratio.png: held-out accuracy per policy vs ρ, with all-token OPD and the
+  untrained student as reference lines
+- memory_throughput_vs_keep_ratio.png: peak memory and train tokens/s vs ρ
+- entropy_divergence_hist.png: 2-D histogram of (h, reverse KL) over one step's tokens, the
+  quadrant boundaries, and which tokens a policy kept
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = float(v)
+            except (TypeError, ValueError):
+                pass
+    return rows
+
+
+def by_policy(rows: list[dict]) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for r in rows:
+        out[r["policy"]].append(r)
+    return {k: sorted(v, key=lambda r: r["keep_ratio"]) for k, v in out.items()}
+
+
+def plot_accuracy(rows: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = by_policy(rows)
+    for pol, rs in groups.items():
+        if pol == "all":
+            ax.axhline(rs[0]["acc_after"], color="black", ls="--", label="all tokens (ρ=1)")
+            continue
+        ax.plot([r["keep_ratio"] for r in rs], [r["acc_after"] for r in rs], marker="o", label=pol)
+    ax.axhline(rows[0]["acc_before"], color="gray", ls=":", label="student before OPD")
+    ax.set_xscale("log")
+    ax.set_xlabel("keep ratio ρ (log)")
+    ax.set_ylabel("held-out accuracy (T=1.0)")
+    ax.set_title("Toy OPD: accuracy vs token budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_vs_keep_ratio.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(rows: list[dict], out: Path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for pol, rs in by_policy(rows).items():
+        x = [r["keep_ratio"] for r in rs]
+        a.plot(x, [r["peak_memory_gb"] for r in rs], marker="o", label=pol)
+        b.plot(x, [r["train_tokens_per_s"] for r in rs], marker="o", label=pol)
+    a.set_xlabel("keep ratio ρ")
+    a.set_ylabel("peak RSS of the run (GiB)")
+    b.set_xlabel("keep ratio ρ")
+    b.set_ylabel("gradient-pass tokens/s")
+    a.legend(fontsize=8)
+    fig.suptitle("Cost vs token budget (toy, CPU)")
+    fig.tight_layout()
+    path = out / "memory_throughput_vs_keep_ratio.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
+    d = torch.load(stats_file, weights_only=False)
+    h, kl, kept = d["norm_entropy"].float(), d["reverse_kl"].float(), d["kept"].bool()
+    logkl = torch.log10(kl.clamp_min(1e-8))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    hist = ax.hist2d(h.numpy(), logkl.numpy(), bins=40, cmap="Blues", cmin=1)
+    fig.colorbar(hist[3], ax=ax, label="tokens")
+    ax.scatter(h[kept].numpy(), logkl[kept].numpy(), s=3, c="tab:red", alpha=0.4, label=f"kept ({int(kept.sum())})")
+    if d.get("h_threshold") is not None:
+        ax.axvline(d["h_threshold"], color="k", lw=1)
+    if d.get("kl_threshold") is not None:
+        ax.axhline(torch.log10(torch.tensor(max(d["kl_threshold"], 1e-8))).item(), color="k", lw=1)
+    for txt, (x, y) in {"Q1": (0.97, 0.97), "Q2": (0.97, 0.03), "Q3": (0.03, 0.97), "Q4": (0.03, 0.03)}.items():
+        ax.text(x, y, txt, transform=ax.transAxes, ha="right" if x > 0.5 else "left",
+                va="top" if y > 0.5 else "bottom", fontsize=11, weight="bold")
+    ax.set_xlabel("normalized student entropy h")
+    ax.set_ylabel("log10 reverse KL δ")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / "entropy_divergence_hist.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--hist-run", default="soft_or_r0.5", help="run-name prefix whose token dump to plot")
+    args = ap.parse_args()
+    csv_path = Path(args.csv)
+    out = Path(args.out) if args.out else csv_path.parent / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(csv_path)
+    made = [plot_accuracy(rows, out), plot_cost(rows, out)]
+    dumps = sorted((csv_path.parent / "runs").glob(f"{args.hist_run}*/token_stats_step*.pt"))
+    if not dumps:
+        dumps = sorted((csv_path.parent / "runs").glob("*/token_stats_step*.pt"))
+    if dumps:
+        made.append(plot_hist(dumps[-1], out, title=f"{dumps[-1].parent.name}: last step"))
+    for p in made:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Token-budget scaling study on the CPU toy: policy x keep ratio (x student size), fixed seeds.
+
+Each grid point is one `python -m megatron_tip.train` run in its own process (so peak memory
+is that run's own); the CSV gets one row per finished run and finished rows are skipped on
+the next call, so an interrupted sweep resumes where it stopped.
+
+    python tools/sweep_tip.py --out runs/sweep                     # full grid (~1 h on 2 cores)
+    python tools/sweep_tip.py --out /tmp/s --grid reduced --steps 2 --eval-limit 8   # smoke
+    python tools/plot_sweep.py --csv runs/sweep/results.csv --out runs/sweep/plots
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+FIELDS = ["name", "policy", "score", "keep_ratio", "student", "seed", "steps", "acc_before", "acc_after",
+          "final_loss", "mean_kept_tokens", "mean_kept_ratio", "frac_q1", "frac_q2", "frac_q3", "frac_q4",
+          "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s", "step_time_s", "wall_s"]
+
+# (name, overrides): the paper's Tables 3-6 and 8 on the toy.
+POLICIES = {
+    "all": {"selection.policy": "all"},
+    "entropy_sampling": {"selection.policy": "entropy_sampling"},
+    "soft_or": {"selection.policy": "topk", "selection.score": "soft_or"},
+    "q3": {"selection.policy": "topk", "selection.score": "q3"},
+    "random": {"selection.policy": "random"},
+    "soft_or_bottom": {"selection.policy": "bottomk", "selection.score": "soft_or"},
+}
+
+
+def grid(kind: str) -> list[tuple[str, float]]:
+    """(policy, keep ratio) points; 'all' only at 1.0, the bottom-k ablation at 0.5 (Table 6)."""
+    if kind == "reduced":
+        return [("all", 1.0), ("soft_or", 0.5)]
+    pts = [("all", 1.0)]
+    for rho in (0.5, 0.2, 0.1):
+        pts += [(p, rho) for p in ("entropy_sampling", "soft_or", "q3", "random")]
+    return pts + [("soft_or_bottom", 0.5)]
+
+
+def run_point(policy: str, rho: float, *, args, out: Path) -> dict:
+    name = f"{policy}_r{rho:g}_{args.student_tag}_s{args.seed}"
+    run_dir = out / "runs" / name
+    ov = {**POLICIES[policy], "selection.keep_ratio": rho, "train.seed": args.seed,
+          "selection.seed": args.seed, "train.steps": args.steps, "train.out_dir": run_dir,
+          "train.eval_limit": args.eval_limit, "train.save_every": 0, "train.tensorboard": "false",
+          "train.dump_token_stats": "true"}
+    if args.student:
+        ov["student.path"] = args.student
+    cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(CONFIG),
+           *[f"{k}={v}" for k, v in ov.items()]]
+    t0 = time.time()
+    log = (out / "logs").joinpath(f"{name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        raise RuntimeError(f"run {name} failed (exit {rc}); see {log}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "skipped" not in m]
+    mean = lambda k: statistics.fmean(m[k] for m in steps if m.get(k) is not None)  # noqa: E731
+    ev = summary.get("eval", {})
+    return {
+        "name": name, "policy": policy, "score": POLICIES[policy].get("selection.score", ""),
+        "keep_ratio": rho, "student": args.student_tag, "seed": args.seed, "steps": args.steps,
+        "acc_before": ev.get("before", {}).get("eval_acc_T1"), "acc_after": ev.get("after", {}).get("eval_acc_T1"),
+        "final_loss": steps[-1]["loss"], "mean_kept_tokens": mean("n_kept"), "mean_kept_ratio": mean("kept_ratio"),
+        **{f"frac_q{i}": mean(f"frac_q{i}") for i in range(1, 5)}, "kept_frac_q3": mean("kept_frac_q3"),
+        "peak_memory_gb": max(m["peak_memory_gb"] for m in steps),
+        "train_tokens_per_s": mean("train_tokens_per_s"),
+        "step_time_s": mean("time_train_s") + mean("time_score_s") + mean("time_rollout_s"),
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--grid", choices=("full", "reduced"), default="full")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--student", default="", help="another student HF dir (model-size sweep)")
+    ap.add_argument("--student-tag", default="toy_student")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.csv"
+    done = set()
+    if path.is_file():
+        with path.open() as f:
+            done = {row["name"] for row in csv.DictReader(f)}
+    points = grid(args.grid)
+    bar = tqdm(points, desc="sweep")
+    for policy, rho in bar:
+        name = f"{policy}_r{rho:g}_{args.student_tag}_s{args.seed}"
+        bar.set_postfix_str(name)
+        if name in done:
+            continue
+        row = run_point(policy, rho, args=args, out=out)
+        new = not path.is_file()
+        with path.open("a", newline="") as f:  # one row per finished run: resumable
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        tqdm.write(f"{name}: acc {row['acc_before']:.3f} -> {row['acc_after']:.3f}, "
+                   f"kept {row['mean_kept_ratio']:.2f}, peak {row['peak_memory_gb']:.2f} GB")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
