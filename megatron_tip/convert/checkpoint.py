@@ -29,6 +29,7 @@ HF_AUX_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
     "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "prompt_template.txt",  # megatron_tip.eval.prompts: the prompt format a model was trained on
 )
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import time
 
 import torch
@@ -17,7 +18,8 @@ from .runner import check_hf_dir, evaluate, load_problems, make_hf_generate_fn, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m megatron_tip.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF checkpoint directory")
+    ap.add_argument("--model", required=True,
+                    help="HF checkpoint dir, or a megatron_tip checkpoint dir (exported to HF in a temp dir)")
     ap.add_argument("--data", required=True, help="JSONL with 'problem' and 'answer' fields")
     ap.add_argument("--samples", type=int, default=16, help="completions per problem (n of mean@n)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -51,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = check_hf_dir(args.model)
+    import tempfile
+
+    export_dir = Path(tempfile.mkdtemp(prefix="megatron_tip_eval_")) / "hf"
+    model_dir = check_hf_dir(args.model, export_to=export_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)

@@ -35,12 +35,19 @@ def load_problems(path: str | Path, *, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def check_hf_dir(model_dir: str | Path) -> Path:
-    """Validate that ``model_dir`` is a HF checkpoint; explain how to convert a megatron one."""
+def check_hf_dir(model_dir: str | Path, *, export_to: str | Path | None = None) -> Path:
+    """Validate that ``model_dir`` is a HF checkpoint. A megatron_tip checkpoint (model_spec.json)
+    is exported to HF format under ``export_to`` first (the same converter as
+    tools/convert_checkpoint.py megatron-to-hf); without ``export_to`` it is an error."""
     d = Path(model_dir)
     if (d / "model_spec.json").is_file() and not (d / "config.json").is_file():
-        raise SystemExit(f"{d} is a megatron_tip checkpoint; evaluation loads HF checkpoints: "
-                         f"convert with `python tools/convert_checkpoint.py megatron-to-hf` first")
+        if export_to is None:
+            raise SystemExit(f"{d} is a megatron_tip checkpoint; evaluation loads HF checkpoints: "
+                             f"convert with `python tools/convert_checkpoint.py megatron-to-hf` first")
+        from megatron_tip.convert.run import megatron_to_hf
+
+        megatron_to_hf(d, export_to, overwrite=True)
+        return Path(export_to)
     if not (d / "config.json").is_file():
         raise SystemExit(f"{d}: no config.json, not a HF checkpoint directory")
     return d
