@@ -41,7 +41,7 @@ class Rollout:
     prompt_index: int  # index into the prompt list passed to generate()
     prompt_ids: list[int]
     response_ids: list[int]
-    logprobs: Optional[list[float]] = None  # engine's log-prob of each response token, if known
+    logprobs: Optional[list[float]] = None  # model's log-prob (temperature 1) of each response token
     finished: bool = False  # True when a stop token ended it (False: hit max_new_tokens)
     meta: dict = field(default_factory=dict)
 

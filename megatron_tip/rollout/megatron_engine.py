@@ -1,12 +1,13 @@
 """Native sampling with the student's own megatron model (the CPU default engine).
 
-Sequences are right-padded in one batch and the whole prefix is recomputed at each step (no KV
-cache): with causal attention, right padding never leaks into real positions, so every step is
-exact at any TP/PP layout, and only the last real position of each row goes through the output
-layer. Cost is O(T^2) per sequence, fine for the short CPU toy; use the vLLM engine for long
-rollouts. TP ranks gather the (small) [B, V] last-position logits and sample with identical
-per-row generators, so every TP rank holds the same tokens; PP stages receive the tokens from
-the last stage by broadcast.
+Two paths, the same tokens:
+- PP=1: megatron-core's static KV cache (``StaticInferenceContext``). The batch is prefilled up
+  to its shortest prompt, then decoded one position at a time; rows still inside their (longer)
+  prompt take the prompt token instead of a sample, as megatron's own static-batch generator does.
+- PP>1: sequences are right-padded and the whole prefix is recomputed at each step through the
+  pipeline schedule (O(T^2), exact at any layout: right padding never leaks into real positions).
+TP ranks gather the (small) [B, V] last-position logits and sample with identical per-row
+generators, so every TP rank holds the same tokens; PP stages get the tokens by broadcast.
 """
 from __future__ import annotations
 
@@ -75,9 +76,21 @@ class MegatronEngine:
         self.model.eval()
         run_microbatches(self.model, [mb], on_output, forward_only=True,
                          prepare=lambda _mb: output_positions(self.model, index))
-        if not got:
-            return None
-        local = got[0]
+        return self._gather_vocab(got[0]) if got else None
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingParams):
+        """Sample rows of [n, V] logits with their own generators; returns (tokens, log-probs).
+
+        Only rows that really generate draw, so a row's random stream does not depend on the
+        other rows of the batch or on the engine path. Log-probs are the model's own
+        (temperature 1), as vLLM reports them."""
+        nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generators=gens)
+        lp = torch.log_softmax(logits, dim=-1)
+        return nxt, lp.gather(1, nxt[:, None])[:, 0]
+
+    def _gather_vocab(self, local: torch.Tensor) -> torch.Tensor:
+        """[B, V/TP] fp32 shard -> [B, V_true] (all TP ranks)."""
         if self.ctx.tp > 1:
             shards = [torch.empty_like(local) for _ in range(self.ctx.tp)]
             dist.all_gather(shards, local.contiguous(), group=self.ctx.tp_group)
@@ -85,6 +98,58 @@ class MegatronEngine:
         return local[:, : self.vocab_size]
 
     def _generate_rows(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
+        if self.ctx.pp == 1:
+            return self._generate_rows_kv(prompts, rows, params)
+        return self._generate_rows_recompute(prompts, rows, params)
+
+    def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        b = len(rows)
+        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
+        total = int(plens.max()) + params.max_new_tokens
+        ids = torch.full((b, total), self.pad_id, dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
+        pos = torch.arange(total).unsqueeze(0).expand(b, -1)
+        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
+        stop = torch.tensor(list(params.stop_token_ids) or [-1])
+        logprobs: list[list[float]] = [[] for _ in range(b)]
+        ends = plens + params.max_new_tokens  # exclusive end of each row
+        done = torch.zeros(b, dtype=torch.bool)
+        cache = StaticInferenceContext(b, total)
+        self.model.eval()
+        start = int(plens.min())
+        # megatron's inference path gathers the TP vocab shards itself (runtime_gather_output).
+        logits = self.model(ids[:, :start], pos[:, :start], None, inference_context=cache,
+                            runtime_gather_output=True)
+        cache.increment_sequence_len_offset(start)
+        for t in range(start, total):
+            full = logits[:, -1, : self.vocab_size].float()
+            sampling = (t >= plens) & ~done & (t < ends)
+            rows_now = sampling.nonzero()[:, 0]
+            if rows_now.numel():
+                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in rows_now.tolist()], params)
+                ids[rows_now, t] = nxt
+                for k, r in enumerate(rows_now.tolist()):
+                    logprobs[r].append(float(chosen[k]))
+                done[rows_now] |= torch.isin(nxt, stop)
+            if bool((done | (t + 1 >= ends)).all()) or t + 1 == total:
+                break
+            if bool((t + 1 >= plens).all()):
+                cache.enable_decode_mode()
+            logits = self.model(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=cache,
+                                runtime_gather_output=True)
+            cache.increment_sequence_len_offset(1)
+        out = []
+        for r, (i, _) in enumerate(rows):
+            n = len(logprobs[r])
+            out.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]),
+                               response_ids=ids[r, plens[r]: plens[r] + n].tolist(),
+                               logprobs=logprobs[r], finished=bool(done[r])))
+        return out
+
+    def _generate_rows_recompute(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         b = len(rows)
         plens = torch.tensor([len(prompts[i]) for i, _ in rows])
         total = int(plens.max()) + params.max_new_tokens
@@ -100,14 +165,13 @@ class MegatronEngine:
         for _ in range(params.max_new_tokens):
             width = int(lengths.max())
             logits = self._last_logits(ids[:, :width], lengths)
-            nxt = torch.empty(b, dtype=torch.long)
-            if logits is not None:
-                nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generators=gens)
-                lp = torch.log_softmax(logits / max(params.temperature, 1e-6), dim=-1)
-                chosen = lp.gather(1, nxt[:, None])[:, 0]
-                for r in range(b):
-                    if not done[r]:
-                        logprobs[r].append(float(chosen[r]))
+            nxt = torch.zeros(b, dtype=torch.long)
+            if logits is not None:  # last stage: draw for the rows still generating
+                live = (~done).nonzero()[:, 0]
+                drawn, chosen = self._draw(logits[live], [gens[r] for r in live.tolist()], params)
+                nxt[live] = drawn
+                for k, r in enumerate(live.tolist()):
+                    logprobs[r].append(float(chosen[k]))
             if last_stage_rank is not None:
                 dist.broadcast(nxt, src=last_stage_rank, group=self.ctx.pp_group)
             active = ~done
