@@ -100,6 +100,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
+                             f"train.steps={self.train.steps}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -54,7 +54,7 @@ def run_point(policy: str, rho: float, *, args, out: Path) -> dict:
     ov = {**POLICIES[policy], "selection.keep_ratio": rho, "train.seed": args.seed,
           "selection.seed": args.seed, "train.steps": args.steps, "train.out_dir": run_dir,
           "train.eval_limit": args.eval_limit, "train.save_every": 0, "train.tensorboard": "false",
-          "train.dump_token_stats": "true"}
+          "train.dump_token_stats": "true", "optim.warmup_steps": min(2, args.steps - 1)}
     if args.student:
         ov["student.path"] = args.student
     cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(CONFIG),
