@@ -155,7 +155,11 @@ def _vocab_fixups(sharded: dict, ckpt_model_dir: str) -> dict[str, Any]:
         if meta is None or tuple(meta.global_shape) == tuple(sh.global_shape):
             continue
         full = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype)
-        sharded[k] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=sh.replica_id)
+        # Every TP rank now reads the whole tensor: only the first vocab shard's main replica may
+        # stay the main replica, or dist_checkpointing rejects the access pattern.
+        frag = sh.global_offset[0] // max(sh.data.shape[0], 1)
+        rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+        sharded[k] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=(frag, *rid))
         fixups[k] = sh
     return fixups
 
@@ -167,7 +171,6 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
     Returns the checkpoint's metadata.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     spec, meta = read_checkpoint_info(ckpt_dir)
     vocab = vocab_size or spec.vocab_size
@@ -175,12 +178,12 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
     sharded = model.sharded_state_dict()
     fixups = _vocab_fixups(sharded, model_dir)
     state = dist_checkpointing.load(sharded, model_dir)
-    if fixups:
-        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        for k, sh in fixups.items():
-            full = state[k][:vocab]
-            rows = sh.data.shape[0] * tp
-            full = torch.cat([full, full.new_zeros(rows - vocab, *full.shape[1:])])
-            state[k] = full.chunk(tp, dim=0)[tp_rank].clone()
+    for k, sh in fixups.items():
+        # Re-pad to this model's global vocab rows; take this rank's rows from the shard's own
+        # offset (no global parallel state needed).
+        full = state[k][:vocab]
+        full = torch.cat([full, full.new_zeros(sh.global_shape[0] - vocab, *full.shape[1:])])
+        start = sh.global_offset[0]
+        state[k] = full[start:start + sh.data.shape[0]].clone()
     model.load_state_dict(state)
     return meta

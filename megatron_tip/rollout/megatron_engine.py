@@ -102,18 +102,22 @@ class MegatronEngine:
             return self._generate_rows_kv(prompts, rows, params)
         return self._generate_rows_recompute(prompts, rows, params)
 
+    def _batch(self, prompts, rows, params: SamplingParams):
+        """Right-padded [B, T] ids with each row's prompt, prompt lengths, per-row generators."""
+        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
+        ids = torch.full((len(rows), int(plens.max()) + params.max_new_tokens), self.pad_id, dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
+        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
+        stop = torch.tensor(list(params.stop_token_ids) or [-1])
+        return ids, plens, gens, stop
+
     def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        b = len(rows)
-        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
-        total = int(plens.max()) + params.max_new_tokens
-        ids = torch.full((b, total), self.pad_id, dtype=torch.long)
-        for r, (i, _) in enumerate(rows):
-            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
+        ids, plens, gens, stop = self._batch(prompts, rows, params)
+        b, total = ids.shape
         pos = torch.arange(total).unsqueeze(0).expand(b, -1)
-        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
-        stop = torch.tensor(list(params.stop_token_ids) or [-1])
         logprobs: list[list[float]] = [[] for _ in range(b)]
         ends = plens + params.max_new_tokens  # exclusive end of each row
         done = torch.zeros(b, dtype=torch.bool)
@@ -150,17 +154,11 @@ class MegatronEngine:
         return out
 
     def _generate_rows_recompute(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
-        b = len(rows)
-        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
-        total = int(plens.max()) + params.max_new_tokens
-        ids = torch.full((b, total), self.pad_id, dtype=torch.long)
-        for r, (i, _) in enumerate(rows):
-            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
+        ids, plens, gens, stop = self._batch(prompts, rows, params)
+        b = ids.shape[0]
         lengths = plens.clone()
         done = torch.zeros(b, dtype=torch.bool)
         logprobs: list[list[float]] = [[] for _ in range(b)]
-        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
-        stop = torch.tensor(list(params.stop_token_ids) or [-1])
         last_stage_rank = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1) if self.ctx.pp > 1 else None
         for _ in range(params.max_new_tokens):
             width = int(lengths.max())
