@@ -85,8 +85,9 @@ class TrainConfig:
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
     tensorboard: bool = True
     dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
-    eval_prompts: str = ""  # optional held-out JSONL, evaluated at the end (greedy+sampled)
+    eval_prompts: str = ""  # optional held-out JSONL: student accuracy (greedy and T=1.0) before/after
     eval_limit: int = 64
+    eval_before: bool = True  # also evaluate before training (sweeps skip the repeated baseline)
 
 
 @dataclass

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
                                start_step=start, tensorboard=cfg.train.tensorboard)
         evalset = setup.eval_dataset()
         evals: dict = {}
-        if evalset is not None and start == 0:
-            evals["before"] = trainer.evaluate(evalset, limit=cfg.train.eval_limit)
+        if evalset is not None and start == 0 and cfg.train.eval_before:
+            evals["before"] = _evaluate(trainer, evalset, cfg.train.eval_limit)
             _report(ctx, "held-out before", evals["before"])
         last: dict = {}
         for step in range(start, cfg.train.steps):
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
         logger.close()
         if evalset is not None and last.get("step") == cfg.train.steps - 1:
-            evals["after"] = trainer.evaluate(evalset, limit=cfg.train.eval_limit)
+            evals["after"] = _evaluate(trainer, evalset, cfg.train.eval_limit)
             _report(ctx, "held-out after", evals["after"])
         if ctx.rank == 0:
             summary = {"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out, "eval": evals}
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if dist.is_initialized():
             destroy_parallel()
+
+
+def _evaluate(trainer: Trainer, evalset, limit: int) -> dict:
+    """Held-out accuracy sampled at T=1.0 (the paper's setting) and greedy."""
+    return {**trainer.evaluate(evalset, limit=limit, temperature=1.0),
+            **trainer.evaluate(evalset, limit=limit, temperature=0.0)}
 
 
 def _report(ctx, title: str, metrics: dict) -> None:

@@ -157,8 +157,7 @@ class Trainer:
                                if k != "target_logprob"))
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
-            self.skipped_steps += 1
-            return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+            return self._skip(step, "non-finite token statistics")
 
         metrics: dict[str, float] = {}
         mask = None
@@ -175,8 +174,7 @@ class Trainer:
         n_kept = torch.tensor([metrics.get("n_kept", 0.0)])
         dist.all_reduce(n_kept, op=dist.ReduceOp.MAX)  # last-stage ranks carry the global count
         if n_kept.item() == 0:
-            self.skipped_steps += 1
-            return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
+            return self._skip(step, "no token selected")
         t3 = time.perf_counter()
         lr = s.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         self.gradient_pass(scored, mask)
@@ -201,6 +199,13 @@ class Trainer:
             "peak_memory_gb": s.peak_memory_gb(),
         })
         return metrics
+
+    def _skip(self, step: int, why: str) -> dict[str, float]:
+        """Count a skipped step (every rank reaches this together) and say why once."""
+        self.skipped_steps += 1
+        if self.ctx.rank == 0:
+            print(f"step {step}: skipped ({why}); {self.skipped_steps} skipped so far", flush=True)
+        return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
 
     # ---- held-out evaluation ----------------------------------------------------------------------
     def evaluate(self, dataset, *, limit: int, samples: int = 1, temperature: float = 1.0) -> dict[str, float]:

@@ -92,3 +92,15 @@ def test_nan_logits_skip_the_step_and_the_run_continues(tmp_path):
     bad, good = run_distributed(_nan_step, 1, overrides(tmp_path, teacher, student))[0]
     assert bad["skipped"] == 1.0 and bad["skipped_steps"] == 1.0
     assert "skipped" not in good and good["skipped_steps"] == 1.0 and good["loss"] > 0
+
+
+def _vllm_multi_rank(rank, world):
+    from megatron_tip.distributed import init_parallel
+    from megatron_tip.rollout.colocated import TPColocatedEngine
+
+    TPColocatedEngine(lambda: None, ctx=init_parallel(2))
+
+
+def test_vllm_engine_refuses_multi_rank_runs():
+    with pytest.raises(RankFailure, match="rollout.engine=vllm supports single-process runs only"):
+        run_distributed(_vllm_multi_rank, 2)

@@ -36,14 +36,14 @@ def _student_logprobs(setup, ids: list[int]) -> torch.Tensor:
     return st.target_logprob
 
 
-def _run(rank, world, tp, out_dir):
+def _run(rank, world, tp, out_dir, student, teacher):
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
     from megatron_tip.run_setup import TrainingSetup
     from megatron_tip.trainer import Trainer
 
     cfg = load_config(None, [
-        f"student.path={TOY / 'student'}", f"teacher.path={TOY / 'teacher'}", f"data.prompts={PROMPTS}",
+        f"student.path={student}", f"teacher.path={teacher}", f"data.prompts={PROMPTS}",
         "data.max_prompt_len=32", "rollout.engine=vllm", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=40", "optim.lr=1e-4", "train.prompts_per_step=4", "train.micro_batch_size=8",
         f"train.out_dir={out_dir}", "train.tensorboard=false"])
@@ -62,9 +62,12 @@ def _run(rank, world, tp, out_dir):
     return metrics, mine, theirs
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_vllm_engine_trains_and_syncs(tmp_path, tp):
-    results = run_distributed(_run, tp, tp, tmp_path / "run", timeout=900)
+def test_vllm_engine_trains_and_syncs(tmp_path):
+    # The shipped toy pair (tied Qwen3 student). Multi-rank vLLM is refused with a clear error
+    # (tests/test_trainer_errors.py): the in-process engine hangs inside a multi-rank gloo world.
+    tp = 1
+    student, teacher = TOY / "student", TOY / "teacher"
+    results = run_distributed(_run, tp, tp, tmp_path / "run", student, teacher, timeout=900)
     metrics, mine, theirs = results[0]
     for m in metrics:
         assert "skipped" not in m and m["loss"] > 0 and m["update_ok"] == 1.0

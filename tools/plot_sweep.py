@@ -42,19 +42,22 @@ def by_policy(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def plot_accuracy(rows: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     groups = by_policy(rows)
-    for pol, rs in groups.items():
-        if pol == "all":
-            ax.axhline(rs[0]["acc_after"], color="black", ls="--", label="all tokens (ρ=1)")
-            continue
-        ax.plot([r["keep_ratio"] for r in rs], [r["acc_after"] for r in rs], marker="o", label=pol)
-    ax.axhline(rows[0]["acc_before"], color="gray", ls=":", label="student before OPD")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep ratio ρ (log)")
-    ax.set_ylabel("held-out accuracy (T=1.0)")
-    ax.set_title("Toy OPD: accuracy vs token budget")
-    ax.legend(fontsize=8)
+    for ax, (after, before, label) in zip(axes, (("acc_after", "acc_before", "sampled, T=1.0"),
+                                                 ("greedy_after", "greedy_before", "greedy"))):
+        for pol, rs in groups.items():
+            if pol == "all":
+                ax.axhline(rs[0][after], color="black", ls="--", label="all tokens (ρ=1)")
+                continue
+            ax.plot([r["keep_ratio"] for r in rs], [r[after] for r in rs], marker="o", label=pol)
+        ax.axhline(rows[0][before], color="gray", ls=":", label="student before OPD")
+        ax.set_xscale("log")
+        ax.set_xlabel("keep ratio ρ (log)")
+        ax.set_title(f"held-out accuracy, {label}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Toy OPD: accuracy vs token budget")
     fig.tight_layout()
     path = out / "accuracy_vs_keep_ratio.png"
     fig.savefig(path, dpi=120)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 FIELDS = ["name", "policy", "score", "keep_ratio", "student", "seed", "steps", "acc_before", "acc_after",
+          "greedy_before", "greedy_after",
           "final_loss", "mean_kept_tokens", "mean_kept_ratio", "frac_q1", "frac_q2", "frac_q3", "frac_q4",
           "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s", "step_time_s", "wall_s"]
 
@@ -48,13 +49,14 @@ def grid(kind: str) -> list[tuple[str, float]]:
     return pts + [("soft_or_bottom", 0.5)]
 
 
-def run_point(policy: str, rho: float, *, args, out: Path) -> dict:
+def run_point(policy: str, rho: float, *, args, out: Path, baseline: dict | None) -> dict:
     name = f"{policy}_r{rho:g}_{args.student_tag}_s{args.seed}"
     run_dir = out / "runs" / name
     ov = {**POLICIES[policy], "selection.keep_ratio": rho, "train.seed": args.seed,
           "selection.seed": args.seed, "train.steps": args.steps, "train.out_dir": run_dir,
           "train.eval_limit": args.eval_limit, "train.save_every": 0, "train.tensorboard": "false",
-          "train.dump_token_stats": "true", "optim.warmup_steps": min(2, args.steps - 1)}
+          "train.dump_token_stats": "true", "optim.warmup_steps": min(2, args.steps - 1),
+          "train.eval_before": "false" if baseline else "true"}  # the untrained student once
     if args.student:
         ov["student.path"] = args.student
     cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(CONFIG),
@@ -71,10 +73,12 @@ def run_point(policy: str, rho: float, *, args, out: Path) -> dict:
     steps = [m for m in steps if "skipped" not in m]
     mean = lambda k: statistics.fmean(m[k] for m in steps if m.get(k) is not None)  # noqa: E731
     ev = summary.get("eval", {})
+    before = baseline or ev.get("before", {})
     return {
         "name": name, "policy": policy, "score": POLICIES[policy].get("selection.score", ""),
         "keep_ratio": rho, "student": args.student_tag, "seed": args.seed, "steps": args.steps,
-        "acc_before": ev.get("before", {}).get("eval_acc_T1"), "acc_after": ev.get("after", {}).get("eval_acc_T1"),
+        "acc_before": before.get("eval_acc_T1"), "acc_after": ev.get("after", {}).get("eval_acc_T1"),
+        "greedy_before": before.get("eval_acc_greedy"), "greedy_after": ev.get("after", {}).get("eval_acc_greedy"),
         "final_loss": steps[-1]["loss"], "mean_kept_tokens": mean("n_kept"), "mean_kept_ratio": mean("kept_ratio"),
         **{f"frac_q{i}": mean(f"frac_q{i}") for i in range(1, 5)}, "kept_frac_q3": mean("kept_frac_q3"),
         "peak_memory_gb": max(m["peak_memory_gb"] for m in steps),
@@ -88,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", choices=("full", "reduced"), default="full")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--student", default="", help="another student HF dir (model-size sweep)")
@@ -97,10 +101,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.csv"
-    done = set()
+    done, baseline = set(), None
     if path.is_file():
         with path.open() as f:
-            done = {row["name"] for row in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        done = {row["name"] for row in rows}
+        if rows:
+            baseline = {"eval_acc_T1": float(rows[0]["acc_before"]), "eval_acc_greedy": float(rows[0]["greedy_before"])}
     points = grid(args.grid)
     bar = tqdm(points, desc="sweep")
     for policy, rho in bar:
@@ -108,7 +115,8 @@ def main() -> None:
         bar.set_postfix_str(name)
         if name in done:
             continue
-        row = run_point(policy, rho, args=args, out=out)
+        row = run_point(policy, rho, args=args, out=out, baseline=baseline)
+        baseline = baseline or {"eval_acc_T1": row["acc_before"], "eval_acc_greedy": row["greedy_before"]}
         new = not path.is_file()
         with path.open("a", newline="") as f:  # one row per finished run: resumable
             w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -18,6 +18,12 @@ class TPColocatedEngine:
     """Wraps an engine factory so only TP rank 0 of each replica builds and drives it."""
 
     def __init__(self, make_engine, *, ctx) -> None:
+        if ctx.world_size > 1:
+            # Measured: an in-process vLLM engine on rank 0 of a 2-rank gloo world hangs in its own
+            # torch.distributed set-up (its group creation is collective over our world). Running
+            # it colocated needs vLLM's external-launcher mode on every rank; not done yet.
+            raise ValueError(f"rollout.engine=vllm supports single-process runs only (world size is "
+                             f"{ctx.world_size}); use rollout.engine=megatron for TP/PP/DP runs")
         if ctx.pp > 1:
             raise ValueError("rollout.engine=vllm needs pipeline_parallel=1 (weights are pushed from "
                              "the TP group of a single stage); use engine=megatron with PP>1")
