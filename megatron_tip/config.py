@@ -81,7 +81,8 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     exit_interval: int = 0  # >0: checkpoint and exit after this many steps in this invocation
     resume: bool = False
-    stats_chunk_size: Optional[int] = None  # token chunk for the vocab-parallel ops
+    stats_chunk_size: Optional[int] = None  # token chunk inside the vocab-parallel ops (None: auto)
+    score_chunk_tokens: int = 512  # scoring pass: logits rows materialized at a time
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
     tensorboard: bool = True
     dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)

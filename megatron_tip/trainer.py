@@ -4,9 +4,10 @@
               -> selection (global-batch statistics) -> gradient pass on kept positions only
               -> optimizer step -> weight sync to the rollout engine
 
-Memory: the scoring pass keeps only the teacher's final hidden states [S, B, H] per micro-batch
-(logits are recomputed from them chunk by chunk), and the gradient pass applies both output
-layers only at kept positions, so logits memory scales with the keep ratio (DESIGN §1).
+Memory: the scoring pass runs both decoders without their output layers and computes logits
+from the final hidden states ``score_chunk_tokens`` rows at a time; only the teacher's hidden
+states [S, B, H] are kept. The gradient pass applies both output layers only at kept positions,
+so logits memory scales with the keep ratio (DESIGN §1).
 """
 from __future__ import annotations
 
@@ -77,35 +78,43 @@ class Trainer:
     # ---- 2. teacher + student scoring (no grad) ----------------------------------------------
     @torch.no_grad()
     def score(self, packed: PackedBatch) -> ScoredBatch:
-        s, ctx = self.s, self.ctx
+        s = self.s
         mbs = self.microbatches(packed)
-        hidden: list[torch.Tensor] = []
-        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        dummy = lambda mb, out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), {})  # noqa: E731
-        # Teacher: keep hidden states only; its full logits are never materialized here.
-        with capture_hidden(s.teacher, hidden):
-            run_microbatches(s.teacher, mbs, dummy, forward_only=True,
-                             prepare=lambda mb: output_positions(s.teacher, empty))
-        stats_rows: list[dict] = []
-
-        def on_student(mb, logits):  # logits [b, S, V/TP]
-            i = len(stats_rows)
-            t_logits = output_logits(s.teacher, hidden[i].transpose(0, 1).reshape(-1, hidden[i].shape[-1]))
-            st = vocab_parallel_token_stats(
-                logits.reshape(-1, logits.shape[-1]), t_logits, tp_group=ctx.tp_group,
-                vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size,
-                target_ids=mb["target_ids"].reshape(-1))
-            shape = mb["input_ids"].shape
-            stats_rows.append({k: getattr(st, k).reshape(shape) for k in
-                               ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")})
-            return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
-
-        run_microbatches(s.student, mbs, on_student, forward_only=True)
+        teacher_hidden = self._final_hidden(s.teacher, mbs)  # kept for the gradient pass
+        student_hidden = self._final_hidden(s.student, mbs)  # dropped after scoring
+        stats_rows = [self._token_stats(mb, hs, ht) for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden)]
         stats = None
         if stats_rows:
             b = packed.input_ids.shape[0]
             stats = {k: torch.cat([r[k] for r in stats_rows])[:b] for k in stats_rows[0]}
-        return ScoredBatch(packed, mbs, hidden, stats)
+        return ScoredBatch(packed, mbs, teacher_hidden, stats)
+
+    def _final_hidden(self, model, mbs: list[dict]) -> list[torch.Tensor]:
+        """Final hidden states [S, b, H] per micro-batch (last stage); no logits are computed."""
+        hidden: list[torch.Tensor] = []
+        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        dummy = lambda mb, out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), {})  # noqa: E731
+        with capture_hidden(model, hidden):
+            run_microbatches(model, mbs, dummy, forward_only=True,
+                             prepare=lambda mb: output_positions(model, empty))
+        return hidden
+
+    def _token_stats(self, mb: dict, hs: torch.Tensor, ht: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token stats of one micro-batch; logits exist only ``score_chunk_tokens`` rows at a time."""
+        s, ctx = self.s, self.ctx
+        hs, ht = (h.transpose(0, 1).reshape(-1, h.shape[-1]) for h in (hs, ht))  # [b*S, H], row-major
+        targets = mb["target_ids"].reshape(-1)
+        step = self.cfg.train.score_chunk_tokens
+        parts = []
+        for i in range(0, hs.shape[0], step):
+            st = vocab_parallel_token_stats(
+                output_logits(s.student, hs[i:i + step]), output_logits(s.teacher, ht[i:i + step]),
+                tp_group=ctx.tp_group, vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size,
+                target_ids=targets[i:i + step])
+            parts.append(st)
+        shape = mb["input_ids"].shape
+        return {k: torch.cat([getattr(p, k) for p in parts]).reshape(shape) for k in
+                ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")}
 
     # ---- 4. gradient pass on kept positions ----------------------------------------------------
     def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> None:
