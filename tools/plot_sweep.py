@@ -102,12 +102,26 @@ def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
     ax.set_xlabel("normalized student entropy h")
     ax.set_ylabel("log10 reverse KL δ")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     path = out / "entropy_divergence_hist.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The sweep as a markdown table (held-out accuracy in %, memory, throughput)."""
+    head = ("| policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
+            "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|")
+    lines = [head, f"| student before OPD | – | – | {100 * rows[0]['acc_before']:.1f} | "
+                   f"{100 * rows[0]['greedy_before']:.1f} | – | – | – |"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
+                     f"{100 * r['acc_after']:.1f} | {100 * r['greedy_after']:.1f} | "
+                     f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | "
+                     f"{r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -121,6 +135,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(csv_path)
     made = [plot_accuracy(rows, out), plot_cost(rows, out)]
+    (out / "results.md").write_text(markdown_table(rows))
+    made.append(out / "results.md")
     dumps = sorted((csv_path.parent / "runs").glob(f"{args.hist_run}*/token_stats_step*.pt"))
     if not dumps:
         dumps = sorted((csv_path.parent / "runs").glob("*/token_stats_step*.pt"))
