@@ -179,10 +179,9 @@ class Trainer:
             metrics.update(self._teacher_entropy(st, packed.valid))
             if cfg.train.dump_token_stats and step == cfg.train.steps - 1 and ctx.dp_rank == 0 and ctx.tp_rank == 0:
                 self._dump_token_stats(step, st, packed.valid, sel)
+        metrics = self._from_last_stage(metrics)  # every rank logs the same selection metrics
         # Megatron divides gradients by the global kept count: with none kept there is no step.
-        n_kept = torch.tensor([metrics.get("n_kept", 0.0)])
-        dist.all_reduce(n_kept, op=dist.ReduceOp.MAX)  # last-stage ranks carry the global count
-        if n_kept.item() == 0:
+        if metrics.get("n_kept", 0.0) == 0:
             return self._skip(step, "no token selected")
         t3 = time.perf_counter()
         lr = s.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
@@ -208,6 +207,15 @@ class Trainer:
             "peak_memory_gb": s.peak_memory_gb(),
         })
         return metrics
+
+    def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """With PP>1 only the last stage scores and selects; its metrics go to every stage."""
+        if self.ctx.pp == 1:
+            return metrics
+        box = [metrics]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1),
+                                   group=self.ctx.pp_group)
+        return box[0]
 
     def _skip(self, step: int, why: str) -> dict[str, float]:
         """Count a skipped step (every rank reaches this together) and say why once."""

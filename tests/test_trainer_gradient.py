@@ -26,20 +26,20 @@ def _sequences(vocab: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def _trainer_side(rank, world, tp, root, teacher, student, selection):
+def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     import torch.distributed as dist
 
     from megatron_tip.config import load_config
     from megatron_tip.data import pack_rollouts
     from megatron_tip.distributed import init_parallel
-    from megatron_tip.models.sharding import gather_canonical_state_dict
+    from megatron_tip.models.sharding import gather_canonical_state_dict, layer_offset
     from megatron_tip.rollout.base import Rollout
     from megatron_tip.run_setup import TrainingSetup
     from megatron_tip.selection import select_tokens
     from megatron_tip.trainer import Trainer
 
     cfg = load_config(None, overrides(root, teacher, student, **selection))
-    ctx = init_parallel(tp)
+    ctx = init_parallel(tp, pp=pp)
     setup = TrainingSetup(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
     seqs = _sequences(setup.vocab_size)
@@ -48,16 +48,22 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection):
     rollouts = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r) for i, (p, r) in enumerate(mine)]
     packed = pack_rollouts(rollouts, pad_id=setup.pad_id, seq_len=12)
     scored = trainer.score(packed)
-    st = scored.stats
-    sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
-                        forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=0)
-    trainer.gradient_pass(scored, sel.mask)
-    loss = trainer._loss_from_stats(scored, sel.mask)["loss"]
+    st = scored.stats  # None on earlier pipeline stages: only the last stage holds logits
+    mask = None
+    if st is not None:
+        sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
+                            forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=0)
+        mask = sel.mask
+    trainer.gradient_pass(scored, mask)
+    loss = trainer._loss_from_stats(scored, mask)["loss"]
     grads = {n: p.main_grad for n, p in setup.student.module.named_parameters()}
-    canon = gather_canonical_state_dict(setup.student.module, tp_group=ctx.tp_group,
-                                        vocab_size=setup.student_spec.vocab_size, tensors=grads)
-    masks = [torch.zeros_like(sel.mask) for _ in range(ctx.dp)]
-    dist.all_gather(masks, sel.mask.contiguous(), group=ctx.dp_group)
+    canon = gather_canonical_state_dict(
+        setup.student.module, tp_group=ctx.tp_group, vocab_size=setup.student_spec.vocab_size, tensors=grads,
+        layer_offset=layer_offset(setup.student_spec.num_layers, pp=pp, pp_rank=ctx.pp_rank))
+    if st is None:
+        return loss, canon, None, setup.vocab_size, None
+    masks = [torch.zeros_like(mask) for _ in range(ctx.dp)]
+    dist.all_gather(masks, mask.contiguous(), group=ctx.dp_group)
     return loss, canon, torch.cat(masks), setup.vocab_size, (st["reverse_kl"], packed.valid)
 
 
@@ -92,14 +98,21 @@ def pair(tmp_path_factory):
 
 @pytest.mark.parametrize("tp,world,selection", [
     (1, 1, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5}),
+    (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5}),
     (2, 2, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
             "train.score_chunk_tokens": 5}),  # logits materialized 5 rows at a time
     (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student = pair
-    results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection)
-    loss, grads, mask, vocab, (rkl_local, valid_local) = results[0]
+    pp = 2 if world == "pp2" else 1
+    world = 2 if world == "pp2" else world
+    results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
+    # Rank 0 holds the first rows of the global batch; with PP=2 its last stage is rank 1.
+    loss, _, mask, vocab, (rkl_local, valid_local) = results[pp - 1]
+    grads = {}
+    for r in results:  # pipeline stages hold disjoint layers
+        grads.update(r[1])
     assert 0 < mask.sum() < mask.numel()
     ref_loss, ref_grads, ref_rkl = _reference(teacher, student, mask, vocab)
     assert abs(loss - ref_loss) < 1e-6 * max(1.0, ref_loss), (loss, ref_loss)

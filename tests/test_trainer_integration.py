@@ -24,14 +24,14 @@ def pair(tmp_path_factory):
     return (root,) + make_pair(root)
 
 
-def _policies_run(rank, world, tp, root, teacher, student):
+def _policies_run(rank, world, tp, root, teacher, student, pp=1):
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
     from megatron_tip.models.sharding import gather_canonical_state_dict
     from megatron_tip.run_setup import TrainingSetup
     from megatron_tip.trainer import Trainer
 
-    ctx = init_parallel(tp)
+    ctx = init_parallel(tp, pp=pp)
     cfg = load_config(None, overrides(root, teacher, student))
     setup = TrainingSetup(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
@@ -47,9 +47,9 @@ def _policies_run(rank, world, tp, root, teacher, student):
     return out, teacher_same, len(student_changed), len(s0)
 
 
-@pytest.mark.parametrize("tp,world", [(2, 2), (1, 2)], ids=["tp2", "dp2"])
-def test_each_policy_trains(pair, tp, world):
-    results = run_distributed(_policies_run, world, tp, *pair)
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 1, 2), (1, 2, 2)], ids=["tp2", "dp2", "pp2"])
+def test_each_policy_trains(pair, tp, pp, world):
+    results = run_distributed(_policies_run, world, tp, *pair, pp)
     for metrics, teacher_same, n_changed, n_params in results:
         assert teacher_same, "teacher weights changed"
         assert n_changed == n_params, f"only {n_changed}/{n_params} student tensors changed"

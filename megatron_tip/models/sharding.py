@@ -97,7 +97,10 @@ def gather_canonical_state_dict(
     """
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
     out: dict[str, torch.Tensor] = {}
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     for name, param in _param_items(model):
+        if tied and name == "output_layer.weight":
+            continue  # last-stage copy of the tied embedding (PP>1); megatron keeps them in sync
         value = (tensors[name] if tensors is not None else param).detach()
         dim, stride = _tp_meta(param)
         if dim is not None and tp > 1:
