@@ -38,21 +38,13 @@ class ParallelContext:
     backend: str
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+        """Only the last pipeline stage holds logits: it scores, selects and computes the loss.
 
-    @property
-    def last_stage_dp_group(self) -> Any:
-        """The group spanning the global batch among ranks that hold logits (last PP stage).
-
-        The data-parallel group of a last-stage rank contains only last-stage ranks, so it is
-        the group for global-batch selection statistics.
+        Its data-parallel group contains only last-stage ranks, so ``dp_group`` is the group
+        for global-batch selection statistics there.
         """
-        return self.dp_group
+        return self.pp_rank == self.pp - 1
 
 
 def check_parallel_sizes(world_size: int, *, tp: int, pp: int, cp: int = 1) -> int:

@@ -157,7 +157,3 @@ def apply_cpu_shims() -> bool:
     _APPLIED = True
     return True
 
-
-def shims_active() -> bool:
-    """True once apply_cpu_shims() has patched this process."""
-    return _APPLIED
