@@ -12,7 +12,7 @@ _SHOWN = ("loss", "kept_ratio", "rollout_accuracy", "frac_q3", "peak_memory_gb")
 
 
 class MetricsLogger:
-    """Append-only: a resumed run keeps the earlier lines (the file is the run's history)."""
+    """A fresh run starts a new file; a resumed run appends (the file is the run's history)."""
 
     def __init__(self, out_dir: str, *, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = True) -> None:
@@ -24,7 +24,7 @@ class MetricsLogger:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.file = self.path.open("a")
+        self.file = self.path.open("a" if start_step > 0 else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
