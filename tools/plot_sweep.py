@@ -41,6 +41,13 @@ def by_policy(rows: list[dict]) -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda r: r["keep_ratio"]) for k, v in out.items()}
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(rows: list[dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     groups = by_policy(rows)
@@ -58,11 +65,7 @@ def plot_accuracy(rows: list[dict], out: Path) -> Path:
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=8)
     fig.suptitle("Toy OPD: accuracy vs token budget")
-    fig.tight_layout()
-    path = out / "accuracy_vs_keep_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "accuracy_vs_keep_ratio.png")
 
 
 def plot_cost(rows: list[dict], out: Path) -> Path:
@@ -77,11 +80,7 @@ def plot_cost(rows: list[dict], out: Path) -> Path:
     b.set_ylabel("gradient-pass tokens/s")
     a.legend(fontsize=8)
     fig.suptitle("Cost vs token budget (toy, CPU)")
-    fig.tight_layout()
-    path = out / "memory_throughput_vs_keep_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "memory_throughput_vs_keep_ratio.png")
 
 
 def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
@@ -103,11 +102,7 @@ def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
     ax.set_ylabel("log10 reverse KL δ")
     ax.set_title(title)
     ax.legend(loc="center right", fontsize=8)
-    fig.tight_layout()
-    path = out / "entropy_divergence_hist.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "entropy_divergence_hist.png")
 
 
 def markdown_table(rows: list[dict]) -> str:
