@@ -177,13 +177,17 @@ class TrainingSetup:
                                                 vocab_size=self.student_spec.vocab_size)
         self.engine.sync_weights(canonical_to_hf(canonical, self.student_spec))
 
-    def rollout_metrics(self, prompts, rollouts, packed) -> dict[str, float]:
-        """Mean response length and grader accuracy over the global batch."""
+    def count_correct(self, rollouts, prompts) -> int:
+        """How many rollouts end in a \\boxed{} answer equal to their prompt's (math-verify)."""
         from megatron_tip.eval.grading import grade
 
+        return sum(grade(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
+                         prompts[r.prompt_index].answer) for r in rollouts)
+
+    def rollout_metrics(self, prompts, rollouts, packed) -> dict[str, float]:
+        """Mean response length and grader accuracy over the global batch."""
         n = self.cfg.rollout.samples_per_prompt
-        correct = sum(grade(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
-                            prompts[r.prompt_index].answer) for r in rollouts)
+        correct = self.count_correct(rollouts, prompts)
         t = torch.tensor([float(correct), float(len(rollouts)), float(packed.valid.sum())], dtype=torch.float64)
         dist.all_reduce(t, group=self.ctx.dp_group)
         assert len(rollouts) == len(prompts) * n

@@ -227,8 +227,6 @@ class Trainer:
     # ---- held-out evaluation ----------------------------------------------------------------------
     def evaluate(self, dataset, *, limit: int, samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
         """Accuracy of the student on up to ``limit`` held-out prompts (graded, DP-sharded)."""
-        from megatron_tip.eval.grading import grade
-
         ctx, s = self.ctx, self.s
         prompts = dataset.prompts[:limit]
         mine = prompts[ctx.dp_rank::ctx.dp]
@@ -236,8 +234,7 @@ class Trainer:
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 seed=self.cfg.train.seed + 99_991, stop_token_ids=s.stop_ids)
         rollouts = s.engine.generate([p.ids for p in mine], params) if mine else []
-        correct = sum(grade(s.tokenizer.decode(r.response_ids, skip_special_tokens=True),
-                            mine[r.prompt_index].answer) for r in rollouts)
+        correct = s.count_correct(rollouts, mine)
         t = torch.tensor([float(correct), float(len(rollouts))], dtype=torch.float64)
         dist.all_reduce(t, group=ctx.dp_group)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # all PP stages report the same numbers
