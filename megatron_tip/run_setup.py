@@ -162,9 +162,9 @@ class TrainingSetup:
                              "is a megatron checkpoint (convert it with tools/convert_checkpoint.py)")
         dtype = self.cfg.student.dtype
         max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
-        return TPColocatedEngine(lambda: VLLMEngine(
+        return TPColocatedEngine(lambda **parallel: VLLMEngine(
             self.cfg.student.path, dtype=dtype, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            max_model_len=max_len, seed=self.cfg.train.seed), ctx=self.ctx)
+            max_model_len=max_len, seed=self.cfg.train.seed, **parallel), ctx=self.ctx)
 
     def sync_engine_weights(self) -> None:
         """Push the student's weights into the rollout engine (no-op for the megatron engine)."""

@@ -120,8 +120,8 @@ def test_cli_on_megatron_checkpoint_equals_hf(tmp_path):
     from megatron_tip.convert.run import hf_to_megatron
 
     toy = REPO / "examples" / "toy"
-    mdir = tmp_path / "student_pp2"
-    hf_to_megatron(toy / "models" / "student", mdir, pp=2)  # 1 KV head: TP=2 is impossible
+    mdir = tmp_path / "student_tp2"
+    hf_to_megatron(toy / "models" / "student", mdir, tp=2)  # a TP=2 layout, merged again on export
     outs = {}
     for name, model in (("hf", toy / "models" / "student"), ("megatron", mdir)):
         out = tmp_path / f"{name}.jsonl"

@@ -94,13 +94,20 @@ def test_nan_logits_skip_the_step_and_the_run_continues(tmp_path):
     assert "skipped" not in good and good["skipped_steps"] == 1.0 and good["loss"] > 0
 
 
-def _vllm_multi_rank(rank, world):
+def _vllm_layout(rank, world, tp, pp):
     from megatron_tip.distributed import init_parallel
-    from megatron_tip.rollout.colocated import TPColocatedEngine
+    from megatron_tip.rollout.colocated import external_launcher_kwargs
 
-    TPColocatedEngine(lambda: None, ctx=init_parallel(2))
+    return external_launcher_kwargs(init_parallel(tp, pp=pp))
 
 
-def test_vllm_engine_refuses_multi_rank_runs():
-    with pytest.raises(RankFailure, match="rollout.engine=vllm supports single-process runs only"):
-        run_distributed(_vllm_multi_rank, 2)
+def test_vllm_engine_refuses_pipeline_parallel_runs():
+    with pytest.raises(RankFailure, match="rollout.engine=vllm needs pipeline_parallel=1"):
+        run_distributed(_vllm_layout, 2, 1, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_engine_joins_the_world_as_external_launcher(tp):
+    # Every rank builds its own engine; vLLM's TP group must be the megatron TP group.
+    for kwargs in run_distributed(_vllm_layout, 2, tp, 1):
+        assert kwargs == {"tensor_parallel_size": tp, "distributed_executor_backend": "external_launcher"}

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -56,12 +57,18 @@ def build_tokenizer(out_dir: str | Path, *, vocab_size: int = 300, seed: int = 0
     return tok
 
 
-def model_config(kind: str, *, vocab_size: int, tok: PreTrainedTokenizerBase) -> Qwen3Config:
+SIZES = {"teacher": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2),
+         # 3 layers and 2 KV heads: the 2-layer, 1-KV-head student (0.43M) plateaued under OPD
+         # (closed 29% of the T=1.0 gap) and could not be split for TP=2.
+         "student": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2)}
+
+
+def model_config(kind: str, *, vocab_size: int, tok: PreTrainedTokenizerBase,
+                 overrides: dict[str, int] | None = None) -> Qwen3Config:
     """Qwen3 configs with head_dim 64 (vLLM rejects tiny head dims); both share the vocab."""
-    size = {"teacher": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2),
-            "student": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1)}[kind]
+    size = {**SIZES[kind], **(overrides or {})}
     return Qwen3Config(vocab_size=vocab_size, head_dim=64, max_position_embeddings=256,
                        tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32",
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -160,6 +167,8 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=100, help="held-out problems for the stop checks")
     ap.add_argument("--eval-every", type=int, nargs=2, default=(100, 25), help="teacher, student")
     ap.add_argument("--final-eval-n", type=int, default=500)
+    ap.add_argument("--student-size", nargs="*", default=[], metavar="KEY=INT",
+                    help=f"override the student's shape, e.g. num_hidden_layers=3 (defaults: {SIZES['student']})")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(0)
@@ -174,6 +183,12 @@ def main() -> None:
                             "eos": tok.eos_token_id, "unk": tok.unk_token_id}}
 
     lo, hi = args.student_band
+    overrides = {"teacher": {}, "student": {}}
+    for kv in args.student_size:
+        key, _, val = kv.partition("=")
+        if key not in SIZES["student"] or not val.isdigit():
+            ap.error(f"--student-size expects KEY=INT with KEY in {sorted(SIZES['student'])}, got {kv!r}")
+        overrides["student"][key] = int(val)
     for kind, steps, lr, seed, stop in [
         ("teacher", args.teacher_steps, 3e-3, SFT_SEEDS[0], lambda g, s: g >= 0.96 and s >= 0.93),
         ("student", args.student_steps, 2e-3, SFT_SEEDS[1], lambda g, s: lo <= s <= hi),
@@ -183,7 +198,7 @@ def main() -> None:
         # Held-out problems exclude only the first EXCLUDE_N problems of each SFT stream.
         assert steps * args.batch_size <= EXCLUDE_N, "more SFT problems than the held-out exclusion covers"
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(model_config(kind, vocab_size=vocab, tok=tok))
+        model = Qwen3ForCausalLM(model_config(kind, vocab_size=vocab, tok=tok, overrides=overrides[kind]))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{kind}: {n_params / 1e6:.2f}M params")
         res = train(model, tok, name=kind, max_steps=steps, lr=lr, batch_size=args.batch_size, seed=seed,
@@ -192,7 +207,8 @@ def main() -> None:
                  "sampled_T1": accuracy(model, tok, heldout, temperature=1.0, seed=0)}
         out = args.out / "models" / kind
         model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        # The clean tokenizer files: batched evaluation leaves left-padding in the live tokenizer.
+        shutil.copytree(args.out / "models" / "tokenizer", out, dirs_exist_ok=True)
         # Lets `python -m megatron_tip.eval --model <dir>` rebuild the trained prompt format.
         (out / "prompt_template.txt").write_text(format_prompt("{problem}"))
         report[kind] = {"params": n_params, "steps": res.steps, "train_seconds": round(res.seconds, 1),

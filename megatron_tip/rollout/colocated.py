@@ -1,12 +1,20 @@
-"""Put an external rollout engine (vLLM) beside a TP-sharded megatron student.
+"""Put an external rollout engine (vLLM) beside a TP-sharded megatron student on every rank.
 
-One engine per data-parallel replica lives on its tensor-parallel rank 0; it samples and the
-rollouts are broadcast to the other TP ranks, so every TP rank trains on identical sequences.
-Weight sync is collective: all TP ranks gather the canonical weights, TP rank 0 pushes them.
+In a multi-rank run every rank builds its own engine in vLLM's ``external_launcher`` mode: the
+engine joins our torch.distributed world instead of spawning workers, vLLM's tensor-parallel
+group is the megatron TP group (consecutive ranks, PP=1), and each data-parallel replica
+generates its own prompts independently (vLLM's "external DP"). Creating an engine on one rank
+only would hang: vLLM's group creation is collective over the whole world.
+
+The TP ranks of a replica receive the same prompts and seeds and vLLM schedules them
+deterministically, so they generate the same tokens; TP rank 0's rollouts are still broadcast so
+every TP rank trains on identical sequences even if that ever breaks. Weight sync is collective:
+each rank gathers the full canonical weights and its engine loads its own TP slice of them.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -14,32 +22,42 @@ import torch.distributed as dist
 from megatron_tip.rollout.base import Rollout, SamplingParams
 
 
-class TPColocatedEngine:
-    """Wraps an engine factory so only TP rank 0 of each replica builds and drives it."""
+def external_launcher_kwargs(ctx) -> dict:
+    """vLLM engine arguments that make every rank of ``ctx`` one TP rank of a colocated engine.
 
-    def __init__(self, make_engine, *, ctx) -> None:
-        if ctx.world_size > 1:
-            # Measured: an in-process vLLM engine on rank 0 of a 2-rank gloo world hangs in its own
-            # torch.distributed set-up (its group creation is collective over our world). Running
-            # it colocated needs vLLM's external-launcher mode on every rank; not done yet.
-            raise ValueError(f"rollout.engine=vllm supports single-process runs only (world size is "
-                             f"{ctx.world_size}); use rollout.engine=megatron for TP/PP/DP runs")
-        if ctx.pp > 1:
-            raise ValueError("rollout.engine=vllm needs pipeline_parallel=1 (weights are pushed from "
-                             "the TP group of a single stage); use engine=megatron with PP>1")
+    Checks the layout vLLM assumes (TP groups of consecutive ranks, PP=1) and exports the
+    RANK/LOCAL_RANK variables its external-launcher executor reads (srun does not set them).
+    """
+    if ctx.pp > 1:
+        raise ValueError("rollout.engine=vllm needs pipeline_parallel=1 (vLLM holds the whole model on "
+                         "each TP group of one stage); use rollout.engine=megatron with PP>1")
+    if ctx.world_size == 1:
+        return {"tensor_parallel_size": 1}
+    tp_ranks = dist.get_process_group_ranks(ctx.tp_group) if ctx.tp > 1 else [ctx.rank]
+    first = ctx.rank - ctx.tp_rank
+    if tp_ranks != list(range(first, first + ctx.tp)):
+        raise ValueError(f"vLLM's TP groups are consecutive ranks, but this rank's megatron TP group is "
+                         f"{tp_ranks}; use the default rank order (tp first)")
+    os.environ.setdefault("RANK", str(ctx.rank))
+    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
+    return {"tensor_parallel_size": ctx.tp, "distributed_executor_backend": "external_launcher"}
+
+
+class TPColocatedEngine:
+    """Builds one engine per rank with :func:`external_launcher_kwargs` and keeps TP ranks in step."""
+
+    def __init__(self, make_engine: Callable[..., object], *, ctx) -> None:
         self.ctx = ctx
-        self.engine = make_engine() if ctx.tp_rank == 0 else None
+        self.engine = make_engine(**external_launcher_kwargs(ctx))
         self._src = dist.get_global_rank(ctx.tp_group, 0) if ctx.tp > 1 else ctx.rank
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        box = [self.engine.generate(prompts, params) if self.engine is not None else None]
+        """Every rank of a TP group must call this with the same prompts and params (collective)."""
+        box = [self.engine.generate(prompts, params)]
         if self.ctx.tp > 1:
             dist.broadcast_object_list(box, src=self._src, group=self.ctx.tp_group)
         return box[0]
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.engine is not None:
-            self.engine.sync_weights(named_tensors)
-        else:
-            for _ in named_tensors:  # drain the generator: it may hold collectives
-                pass
+        """Load full (TP-gathered) HF-named weights; each rank's engine keeps its own slice."""
+        self.engine.sync_weights(named_tensors)
