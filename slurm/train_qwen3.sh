@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/train_qwen3.sh                         # 1 node, config defaults
 #   sbatch --nodes=2 slurm/train_qwen3.sh selection.keep_ratio=0.2   # extra dotted overrides
+#   sbatch slurm/train_qwen3.sh rollout.engine=vllm     # vLLM rollouts, one engine per rank (PP=1)
 #
 # Environment (override with `sbatch --export=ALL,STUDENT=...`):
 #   STUDENT, TEACHER   HF or megatron checkpoint dirs   (default /checkpoints/Qwen3-{4B,8B})

@@ -105,17 +105,36 @@ def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
     return _save(fig, out / "entropy_divergence_hist.png")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The sweep as a markdown table (held-out accuracy in %, memory, throughput)."""
-    head = ("| policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
-            "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|")
-    lines = [head, f"| student before OPD | – | – | {100 * rows[0]['acc_before']:.1f} | "
-                   f"{100 * rows[0]['greedy_before']:.1f} | – | – | – |"]
+ORDER = ["all", "entropy_sampling", "soft_or", "q3", "random", "soft_or_bottom"]
+
+
+def grid_order(rows: list[dict]) -> list[dict]:
+    """Rows in grid order (ρ descending, then policy); a parallel sweep writes them as they finish."""
+    rank = lambda p: ORDER.index(p) if p in ORDER else len(ORDER)  # noqa: E731
+    return sorted(rows, key=lambda r: (-r["keep_ratio"], rank(r["policy"]), r["policy"]))
+
+
+def by_student(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per student tag, in the order the tags first appear (the main student first)."""
+    out: dict[str, list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
-                     f"{100 * r['acc_after']:.1f} | {100 * r['greedy_after']:.1f} | "
-                     f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | "
-                     f"{r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
+        out.setdefault(r["student"], []).append(r)
+    return {k: grid_order(v) for k, v in out.items()}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The sweep as a markdown table (held-out accuracy in %, memory, throughput), per student."""
+    head = ("| student | policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
+            "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for student, rs in by_student(rows).items():
+        lines.append(f"| {student} | before OPD | – | – | {100 * rs[0]['acc_before']:.1f} | "
+                     f"{100 * rs[0]['greedy_before']:.1f} | – | – | – |")
+        for r in rs:
+            lines.append(f"| {student} | {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
+                         f"{100 * r['acc_after']:.1f} | {100 * r['greedy_after']:.1f} | "
+                         f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | "
+                         f"{r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,15 +143,21 @@ def main() -> None:
     ap.add_argument("--csv", required=True)
     ap.add_argument("--out", default="")
     ap.add_argument("--hist-run", default="soft_or_r0.5", help="run-name prefix whose token dump to plot")
+    ap.add_argument("--student", default="", help="student tag to plot (default: the CSV's first)")
     args = ap.parse_args()
     csv_path = Path(args.csv)
     out = Path(args.out) if args.out else csv_path.parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(csv_path)
+    all_rows = read_rows(csv_path)
+    groups = by_student(all_rows)
+    student = args.student or next(iter(groups))
+    if student not in groups:
+        ap.error(f"--student {student!r} is not in the CSV (has: {', '.join(groups)})")
+    rows = groups[student]  # the plots show one student; the table lists them all
     made = [plot_accuracy(rows, out), plot_cost(rows, out)]
-    (out / "results.md").write_text(markdown_table(rows))
+    (out / "results.md").write_text(markdown_table(all_rows))
     made.append(out / "results.md")
-    dumps = sorted((csv_path.parent / "runs").glob(f"{args.hist_run}*/token_stats_step*.pt"))
+    dumps = sorted((csv_path.parent / "runs").glob(f"{args.hist_run}*{student}*/token_stats_step*.pt"))
     if not dumps:
         dumps = sorted((csv_path.parent / "runs").glob("*/token_stats_step*.pt"))
     if dumps:

@@ -119,8 +119,9 @@ def main() -> None:
         with path.open() as f:
             rows = list(csv.DictReader(f))
         done = {row["name"] for row in rows}
-        if rows:
-            baseline = {"eval_acc_T1": float(rows[0]["acc_before"]), "eval_acc_greedy": float(rows[0]["greedy_before"])}
+        mine = [row for row in rows if row["student"] == args.student_tag]  # the baseline is per student
+        if mine:
+            baseline = {"eval_acc_T1": float(mine[0]["acc_before"]), "eval_acc_greedy": float(mine[0]["greedy_before"])}
     todo = [(pol, rho) for pol, rho in grid(args.grid) if point_name(pol, rho, args) not in done]
     bar = tqdm(total=len(grid(args.grid)), initial=len(grid(args.grid)) - len(todo), desc="sweep")
 
