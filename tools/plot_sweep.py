@@ -34,6 +34,27 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+METRICS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "mean_kept_tokens", "frac_q3",
+           "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s")
+
+
+def mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (student, policy, keep ratio): metrics averaged over seeds, the seeds'
+    accuracies kept in ``acc_after_seeds`` / ``greedy_after_seeds`` for the table."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["policy"], r["keep_ratio"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        row = {**rs[0], **{k: sum(r[k] for r in rs) / len(rs) for k in METRICS}}
+        row["seeds"] = [int(r["seed"]) for r in rs]
+        row["acc_after_seeds"] = [r["acc_after"] for r in rs]
+        row["greedy_after_seeds"] = [r["greedy_after"] for r in rs]
+        out.append(row)
+    return out
+
+
 def by_policy(rows: list[dict]) -> dict[str, list[dict]]:
     out = defaultdict(list)
     for r in rows:
@@ -122,17 +143,26 @@ def by_student(rows: list[dict]) -> dict[str, list[dict]]:
     return {k: grid_order(v) for k, v in out.items()}
 
 
+def _pct(r: dict, key: str) -> str:
+    """Seed-mean accuracy in %, with each seed's value when there are several."""
+    seeds = r.get(f"{key}_seeds", [r[key]])
+    each = f" ({' / '.join(f'{100 * v:.1f}' for v in seeds)})" if len(seeds) > 1 else ""
+    return f"{100 * r[key]:.1f}{each}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The sweep as a markdown table (held-out accuracy in %, memory, throughput), per student."""
+    """The sweep as a markdown table (held-out accuracy in %, memory, throughput), per student;
+    rows are seed means (see :func:`mean_over_seeds`)."""
     head = ("| student | policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
             "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for student, rs in by_student(rows).items():
-        lines.append(f"| {student} | before OPD | – | – | {100 * rs[0]['acc_before']:.1f} | "
+        seeds = ", ".join(str(x) for x in rs[0].get("seeds", [int(rs[0]["seed"])]))
+        lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {100 * rs[0]['acc_before']:.1f} | "
                      f"{100 * rs[0]['greedy_before']:.1f} | – | – | – |")
         for r in rs:
             lines.append(f"| {student} | {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
-                         f"{100 * r['acc_after']:.1f} | {100 * r['greedy_after']:.1f} | "
+                         f"{_pct(r, 'acc_after')} | {_pct(r, 'greedy_after')} | "
                          f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | "
                          f"{r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -148,7 +178,7 @@ def main() -> None:
     csv_path = Path(args.csv)
     out = Path(args.out) if args.out else csv_path.parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    all_rows = read_rows(csv_path)
+    all_rows = mean_over_seeds(read_rows(csv_path))
     groups = by_student(all_rows)
     student = args.student or next(iter(groups))
     if student not in groups:

@@ -119,7 +119,8 @@ def main() -> None:
         with path.open() as f:
             rows = list(csv.DictReader(f))
         done = {row["name"] for row in rows}
-        mine = [row for row in rows if row["student"] == args.student_tag]  # the baseline is per student
+        # The baseline is per student and seed (the eval's sampling seed follows train.seed).
+        mine = [row for row in rows if row["student"] == args.student_tag and int(row["seed"]) == args.seed]
         if mine:
             baseline = {"eval_acc_T1": float(mine[0]["acc_before"]), "eval_acc_greedy": float(mine[0]["greedy_before"])}
     todo = [(pol, rho) for pol, rho in grid(args.grid) if point_name(pol, rho, args) not in done]
