@@ -4,7 +4,7 @@ Each grid point is one `python -m megatron_tip.train` run in its own process (so
 is that run's own); the CSV gets one row per finished run and finished rows are skipped on
 the next call, so an interrupted sweep resumes where it stopped.
 
-    python tools/sweep_tip.py --out runs/sweep --jobs 2            # full grid (~35 min on 2 cores)
+    python tools/sweep_tip.py --out runs/sweep --jobs 2            # full grid (~20 min on 2 cores)
     python tools/sweep_tip.py --out /tmp/s --grid reduced --steps 2 --eval-limit 8   # smoke
     python tools/plot_sweep.py --csv runs/sweep/results.csv --out runs/sweep/plots
 """
