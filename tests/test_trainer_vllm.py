@@ -70,7 +70,7 @@ def _run(rank, world, tp, out_dir):
     via_megatron = [r.response_ids for r in megatron.generate(prompts, greedy)]
     first = next(iter(setup.student.parameters())).detach().clone()
     return dict(metrics=metrics, mine=mine, theirs=theirs, via_vllm=via_vllm, via_megatron=via_megatron,
-                dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, param=first)
+                param=first)
 
 
 def _global(m: dict) -> dict:

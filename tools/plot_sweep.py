@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from sweep_tip import POLICIES  # noqa: E402  (same folder: the grid's policy order)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -126,12 +127,10 @@ def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
     return _save(fig, out / "entropy_divergence_hist.png")
 
 
-ORDER = ["all", "entropy_sampling", "soft_or", "q3", "random", "soft_or_bottom"]
-
-
 def grid_order(rows: list[dict]) -> list[dict]:
     """Rows in grid order (ρ descending, then policy); a parallel sweep writes them as they finish."""
-    rank = lambda p: ORDER.index(p) if p in ORDER else len(ORDER)  # noqa: E731
+    order = list(POLICIES)
+    rank = lambda p: order.index(p) if p in order else len(order)  # noqa: E731
     return sorted(rows, key=lambda r: (-r["keep_ratio"], rank(r["policy"]), r["policy"]))
 
 
@@ -145,19 +144,19 @@ def by_student(rows: list[dict]) -> dict[str, list[dict]]:
 
 def _pct(r: dict, key: str) -> str:
     """Seed-mean accuracy in %, with each seed's value when there are several."""
-    seeds = r.get(f"{key}_seeds", [r[key]])
+    seeds = r[f"{key}_seeds"]
     each = f" ({' / '.join(f'{100 * v:.1f}' for v in seeds)})" if len(seeds) > 1 else ""
     return f"{100 * r[key]:.1f}{each}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(groups: dict[str, list[dict]]) -> str:
     """The sweep as a markdown table (held-out accuracy in %, memory, throughput), per student;
-    rows are seed means (see :func:`mean_over_seeds`)."""
+    ``groups`` is :func:`by_student` of :func:`mean_over_seeds` rows."""
     head = ("| student | policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
             "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for student, rs in by_student(rows).items():
-        seeds = ", ".join(str(x) for x in rs[0].get("seeds", [int(rs[0]["seed"])]))
+    for student, rs in groups.items():
+        seeds = ", ".join(str(x) for x in rs[0]["seeds"])
         lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {100 * rs[0]['acc_before']:.1f} | "
                      f"{100 * rs[0]['greedy_before']:.1f} | – | – | – |")
         for r in rs:
@@ -178,14 +177,13 @@ def main() -> None:
     csv_path = Path(args.csv)
     out = Path(args.out) if args.out else csv_path.parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    all_rows = mean_over_seeds(read_rows(csv_path))
-    groups = by_student(all_rows)
+    groups = by_student(mean_over_seeds(read_rows(csv_path)))
     student = args.student or next(iter(groups))
     if student not in groups:
         ap.error(f"--student {student!r} is not in the CSV (has: {', '.join(groups)})")
     rows = groups[student]  # the plots show one student; the table lists them all
     made = [plot_accuracy(rows, out), plot_cost(rows, out)]
-    (out / "results.md").write_text(markdown_table(all_rows))
+    (out / "results.md").write_text(markdown_table(groups))
     made.append(out / "results.md")
     dumps = sorted((csv_path.parent / "runs").glob(f"{args.hist_run}*{student}*/token_stats_step*.pt"))
     if not dumps:

@@ -123,8 +123,9 @@ def main() -> None:
         mine = [row for row in rows if row["student"] == args.student_tag and int(row["seed"]) == args.seed]
         if mine:
             baseline = {"eval_acc_T1": float(mine[0]["acc_before"]), "eval_acc_greedy": float(mine[0]["greedy_before"])}
-    todo = [(pol, rho) for pol, rho in grid(args.grid) if point_name(pol, rho, args) not in done]
-    bar = tqdm(total=len(grid(args.grid)), initial=len(grid(args.grid)) - len(todo), desc="sweep")
+    points = grid(args.grid)
+    todo = [(pol, rho) for pol, rho in points if point_name(pol, rho, args) not in done]
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep")
 
     def record(row: dict) -> None:
         new = not path.is_file()
