@@ -1,0 +1,240 @@
+"""What the planner computes from: model shapes, layout, memory settings, one step's workload.
+
+``inputs_from_config`` reads the trainer's own ``RunConfig``. The memory-feature fields of
+issue #13 (recomputation, sequence parallelism, distributed optimizer, vLLM sleep) are read from
+the config when it has them and otherwise taken from ``settings`` (``PLANNER_KEYS``), so the
+same command line works before and after those fields exist.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_tip.models.spec import ModelSpec
+from megatron_tip.plan.devices import Device, device as lookup_device
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+VOCAB_DIVISIBLE_BY = 128
+
+# Dotted config keys the planner understands even where the config does not define them yet.
+PLANNER_KEYS = {
+    "student.recompute_granularity": ("recompute_granularity", str),
+    "student.recompute_method": ("recompute_method", str),
+    "student.recompute_num_layers": ("recompute_num_layers", int),
+    "parallel.sequence_parallel": ("sequence_parallel", bool),
+    "optim.distributed_optimizer": ("distributed_optimizer", bool),
+    "rollout.vllm_sleep_level": ("vllm_sleep_level", int),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The memory features of a run (megatron-core options, vLLM sleep mode)."""
+
+    recompute_granularity: str = "none"  # none | selective | full
+    recompute_method: str = "uniform"  # uniform | block (full recompute only)
+    recompute_num_layers: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    vllm_sleep_level: int = 0  # 0 off; 1 offload weights + free KV cache; 2 discard both
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    nodes: int = 1
+    gpus_per_node: int = 8
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the step executes: what the memory formulas must assume about kernels."""
+
+    kind: str = "gpu"  # gpu | cpu
+    attention: str = "flash"  # flash (Transformer Engine) | unfused (megatron local spec)
+    fused_adam: bool = True  # TE/apex FusedAdam (no temporaries) vs torch AdamW (per-tensor temporaries)
+    reserve_bytes: int = 3 * 2**30  # CUDA context, cuBLAS workspace, NCCL communicators
+
+
+CPU_RUNTIME = Runtime(kind="cpu", attention="unfused", fused_adam=False, reserve_bytes=0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One step on one data-parallel rank (worst case: every sequence at full length)."""
+
+    rollouts: int  # sequences per data-parallel rank
+    seq_len: int  # packed width S = prompt + response
+    prompt_len: int  # prefill length in the rollout engine
+    response_len: int  # positions per sequence that predict a response token
+    micro_batch: int
+    keep_ratio: float  # fraction of response positions in the gradient pass
+    score_chunk_tokens: int
+    stats_chunk_size: Optional[int]
+    shared_vocab: int  # true vocabulary both models are compared on
+    rollout_engine: str = "megatron"
+    rollout_micro_batch: int = 8
+    vllm_gpu_memory_utilization: float = 0.4
+
+    @property
+    def num_microbatches(self) -> int:
+        return math.ceil(self.rollouts / self.micro_batch)
+
+    def kept_per_microbatch(self) -> int:
+        """Gradient-pass positions of one micro-batch: floor(rho * m) per sequence (selection)."""
+        return self.micro_batch * math.floor(self.keep_ratio * self.response_len + 1e-6)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    student: ModelSpec
+    teacher: ModelSpec
+    student_dtype: str
+    teacher_dtype: str
+    layout: Layout
+    settings: Settings
+    workload: Workload
+    runtime: Runtime = Runtime()
+    device: Optional[Device] = None  # None: no capacity check, no timing (CPU calibration)
+    student_source: str = ""
+    teacher_source: str = ""
+
+    @property
+    def padded_vocab(self) -> int:
+        """Both models shard the same padded vocab (as the trainer builds them)."""
+        multiple = VOCAB_DIVISIBLE_BY * self.layout.tp
+        return -(-max(self.student.vocab_size, self.teacher.vocab_size) // multiple) * multiple
+
+    def with_(self, **changes: Any) -> "PlanInputs":
+        """A copy with fields of the inputs, layout, settings or workload replaced (by name)."""
+        groups = {"layout": Layout, "settings": Settings, "workload": Workload, "runtime": Runtime}
+        out = self
+        for key, value in changes.items():
+            for group, cls in groups.items():
+                if key in cls.__dataclass_fields__:
+                    out = replace(out, **{group: replace(getattr(out, group), **{key: value})})
+                    break
+            else:
+                out = replace(out, **{key: value})
+        return out
+
+
+def _get(cfg: Any, *paths: str, default: Any = None) -> Any:
+    """First of the dotted ``paths`` that exists in ``cfg`` (old and new config layouts)."""
+    for path in paths:
+        node = cfg
+        for part in path.split("."):
+            if not hasattr(node, part):
+                break
+            node = getattr(node, part)
+        else:
+            return node
+    return default
+
+
+def split_overrides(overrides: list[str], cfg_cls: Any = None) -> tuple[list[str], dict[str, str]]:
+    """Separate ``key=value`` overrides the config does not define yet (``PLANNER_KEYS``)."""
+    from megatron_tip.config import RunConfig
+
+    cfg_cls = cfg_cls or RunConfig
+    known, planner = [], {}
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        section, _, field = key.partition(".")
+        sec_cls = cfg_cls.__dataclass_fields__.get(section)
+        defined = sec_cls is not None and field in getattr(sec_cls.default_factory, "__dataclass_fields__", {})
+        if key in PLANNER_KEYS and not defined:
+            planner[key] = ov.split("=", 1)[1]
+        else:
+            known.append(ov)
+    return known, planner
+
+
+def settings_from(cfg: Any, planner: Optional[dict[str, str]] = None) -> Settings:
+    import yaml
+
+    values = {}
+    for key, (name, tp) in PLANNER_KEYS.items():
+        if planner and key in planner:
+            values[name] = tp(yaml.safe_load(planner[key]))
+        else:
+            got = _get(cfg, key)
+            if got is not None:
+                values[name] = tp(got)
+    return Settings(**values)
+
+
+def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
+    """ModelSpec from a checkpoint dir when it exists here, else from the shape table."""
+    from megatron_tip.plan.shapes import shape_for
+
+    if shape:
+        s = shape_for(shape)
+        return s.spec(), f"shape table: {s.name} ({s.source} config.json)"
+    p = Path(path) if path else None
+    if p is not None and ((p / "config.json").is_file() or (p / "model_spec.json").is_file()):
+        from megatron_tip.run_setup import read_spec
+
+        return read_spec(path), f"{path}"
+    if not path:
+        raise ValueError("model path is empty: set student.path / teacher.path or pass a shape name")
+    s = shape_for(path)
+    return s.spec(), f"shape table: {s.name} ({s.source} config.json; {path} is not here)"
+
+
+def default_nodes(tp: int, pp: int, gpus_per_node: int) -> int:
+    """Fewest nodes whose GPUs hold at least one whole tp x pp model replica."""
+    return max(1, math.ceil(tp * pp / gpus_per_node))
+
+
+def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Optional[int] = None,
+                       world_size: Optional[int] = None, student: Optional[ModelSpec] = None,
+                       teacher: Optional[ModelSpec] = None, student_shape: Optional[str] = None,
+                       teacher_shape: Optional[str] = None, planner: Optional[dict[str, str]] = None,
+                       runtime: Optional[Runtime] = None) -> PlanInputs:
+    """PlanInputs for the run ``cfg`` describes, on ``nodes`` x 8 ``gpu`` (or ``world_size`` ranks)."""
+    dev = lookup_device(gpu) if gpu else None
+    tp, pp = int(cfg.parallel.tensor_parallel), int(cfg.parallel.pipeline_parallel)
+    per_node = dev.gpus_per_node if dev else 8
+    if world_size is None:
+        nodes = nodes or default_nodes(tp, pp, per_node)
+        world_size = nodes * per_node
+    if world_size % (tp * pp):
+        raise ValueError(f"{world_size} GPUs are not divisible by tensor_parallel x pipeline_parallel "
+                         f"= {tp} x {pp}")
+    dp = world_size // (tp * pp)
+    layout = Layout(tp=tp, pp=pp, dp=dp, nodes=nodes or 1, gpus_per_node=per_node)
+    prompts = int(cfg.train.prompts_per_step)
+    if prompts % dp:
+        raise ValueError(f"train.prompts_per_step={prompts} is not divisible by the data-parallel size {dp}")
+    s_src = t_src = "given"
+    if student is None:
+        student, s_src = resolve_spec(cfg.student.path, student_shape)
+    if teacher is None:
+        teacher, t_src = resolve_spec(cfg.teacher.path, teacher_shape)
+    sel = cfg.selection
+    keep = 1.0 if sel.policy in ("all", "quadrants") else float(sel.keep_ratio)
+    r = cfg.rollout
+    mbs = int(cfg.train.micro_batch_size)
+    prompt_len = int(cfg.data.max_prompt_len)
+    shared = _get(cfg, "scoring.vocab_size", "train.vocab_size") or min(student.vocab_size, teacher.vocab_size)
+    workload = Workload(
+        rollouts=prompts // dp * int(r.samples_per_prompt), seq_len=prompt_len + int(r.max_new_tokens),
+        prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=mbs, keep_ratio=keep,
+        score_chunk_tokens=int(_get(cfg, "scoring.score_chunk_tokens", "train.score_chunk_tokens", default=512)),
+        stats_chunk_size=_get(cfg, "scoring.stats_chunk_size", "train.stats_chunk_size"),
+        shared_vocab=int(shared), rollout_engine=r.engine,
+        rollout_micro_batch=int(_get(cfg, "rollout.micro_batch_size", default=max(mbs, 8))),
+        vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
+    return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
+                      teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),
+                      workload=workload, runtime=runtime or (Runtime() if dev else CPU_RUNTIME),
+                      device=dev, student_source=s_src, teacher_source=t_src)

@@ -1,0 +1,255 @@
+"""Per-GPU memory of one TIP training step, phase by phase (formulas: docs/planner.md).
+
+A step on one rank runs four phases one after another; what one phase allocates is freed
+before the next, except the teacher's final hidden states, which the scoring pass keeps for the
+gradient pass (and the optimizer step still sees them: the trainer holds the scored batch to
+the end of the step). Each phase total = the persistent state (weights, gradients, optimizer
+state, runtime) + that phase's transient peak. Everything is per pipeline stage: stage 0
+holds the embedding, the last stage the output layer, the logits and the loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megatron_tip.models.spec import ModelSpec
+from megatron_tip.plan.activations import attention_score_buffer_bytes, layer_bytes, stage_activation_bytes
+from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
+
+GiB = 2**30
+OPS_CHUNK_BYTES = 16 * 2**20  # megatron_tip.ops: default fp32 work-buffer size per chunk
+PHASES = ("rollout", "scoring", "gradient", "optimizer")
+
+
+@dataclass
+class StageMemory:
+    """Bytes by component: ``persistent`` in every phase, ``phases[p]`` on top during phase p."""
+
+    stage: int
+    persistent: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def total(self, phase: str) -> int:
+        return sum(self.persistent.values()) + sum(self.phases.get(phase, {}).values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.total)
+
+    @property
+    def peak(self) -> int:
+        return self.total(self.peak_phase)
+
+
+def layer_params(spec: ModelSpec, *, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (norms are replicated)."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    a, g = spec.num_attention_heads, spec.num_query_groups
+    qkv = (a + 2 * g) * d // tp
+    n = h * qkv + (qkv if spec.add_qkv_bias else 0) + (a * d // tp) * h + 3 * h * (f // tp) + 2 * h
+    return n + (2 * d if spec.qk_layernorm else 0)
+
+
+def params_per_rank(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_vocab: int) -> int:
+    """Parameters megatron builds on one (tp, pp) rank, vocab padding included.
+
+    Tied embeddings with PP > 1: the last stage keeps its own copy of the word embeddings as the
+    output weight (megatron's shared-embedding group), so both end stages hold one.
+    """
+    n = spec.num_layers // pp * layer_params(spec, tp=tp)
+    emb = padded_vocab // tp * spec.hidden_size
+    if pp_rank == 0:
+        n += emb
+    if pp_rank == pp - 1:
+        n += spec.hidden_size + (emb if (not spec.tie_word_embeddings or pp > 1) else 0)
+    return n
+
+
+def largest_param(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_vocab: int) -> int:
+    """Elements of the biggest single parameter tensor on a rank (optimizer temporaries)."""
+    h = spec.hidden_size
+    biggest = max(h * (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim // tp,
+                  2 * (spec.ffn_hidden_size // tp) * h)
+    ends = pp_rank == 0 or pp_rank == pp - 1
+    return max(biggest, padded_vocab // tp * h if ends else 0)
+
+
+def _persistent(inp: PlanInputs, stage: int) -> dict[str, int]:
+    lay, st, rt = inp.layout, inp.settings, inp.runtime
+    pv = inp.padded_vocab
+    n_s = params_per_rank(inp.student, tp=lay.tp, pp=lay.pp, pp_rank=stage, padded_vocab=pv)
+    n_t = params_per_rank(inp.teacher, tp=lay.tp, pp=lay.pp, pp_rank=stage, padded_vocab=pv)
+    shard = lay.dp if st.distributed_optimizer else 1
+    out = {
+        "teacher weights": n_t * DTYPE_BYTES[inp.teacher_dtype],
+        "student weights": n_s * DTYPE_BYTES[inp.student_dtype],
+        "student grads (fp32 buffer)": n_s * 4,
+        "student fp32 main params": (n_s * 4 // shard) if inp.student_dtype != "float32" else 0,
+        "student Adam state": n_s * 8 // shard,
+    }
+    if rt.reserve_bytes:
+        out["CUDA context / NCCL / cuBLAS"] = rt.reserve_bytes
+    w = inp.workload
+    if rt.attention == "unfused":  # megatron keeps its Q K^T buffer at the largest size used
+        heads = max(inp.student.num_attention_heads, inp.teacher.num_attention_heads)
+        spec_like = inp.student if inp.student.num_attention_heads == heads else inp.teacher
+        act = DTYPE_BYTES[inp.student_dtype]
+        sizes = [attention_score_buffer_bytes(spec_like, seq_len=w.seq_len, micro_batch=w.micro_batch,
+                                              tp=lay.tp, act_bytes=act)]
+        if w.rollout_engine == "megatron":
+            length = w.prompt_len if lay.pp == 1 else w.seq_len
+            sizes.append(attention_score_buffer_bytes(spec_like, seq_len=length, micro_batch=w.rollout_micro_batch,
+                                                      tp=lay.tp, act_bytes=act))
+        out["attention score buffer (unfused)"] = max(sizes)
+    if w.rollout_engine == "vllm" and st.vllm_sleep_level == 0 and inp.device is not None:
+        out["vLLM reservation (awake)"] = int(w.vllm_gpu_memory_utilization * inp.device.memory_bytes)
+    return {k: int(v) for k, v in out.items() if v}
+
+
+def _layer_ws(inp: PlanInputs, spec: ModelSpec, dtype: str, *, seq_len: int, micro_batch: int) -> int:
+    """Working set of one layer's forward (no grad) or backward: taken as one layer's saved bytes."""
+    return layer_bytes(spec, seq_len=seq_len, micro_batch=micro_batch, tp=inp.layout.tp,
+                       sp=inp.settings.sequence_parallel, act_bytes=DTYPE_BYTES[dtype],
+                       attention=inp.runtime.attention)
+
+
+def _ops_rows(inp: PlanInputs, n: int) -> int:
+    """Token rows per chunk inside megatron_tip.ops (stats_chunk_size, else ~16 MiB of fp32)."""
+    v_local = inp.padded_vocab // inp.layout.tp
+    rows = inp.workload.stats_chunk_size or max(1, OPS_CHUNK_BYTES // (v_local * 4))
+    return max(0, min(rows, n))
+
+
+def _rollout(inp: PlanInputs, stage: int) -> dict[str, int]:
+    w, lay, s = inp.workload, inp.layout, inp.student
+    act = DTYPE_BYTES[inp.student_dtype]
+    if w.rollout_engine == "vllm":
+        if inp.settings.vllm_sleep_level == 0 or inp.device is None:
+            return {}
+        return {"vLLM reservation (awake)": int(w.vllm_gpu_memory_utilization * inp.device.memory_bytes)}
+    if w.rollout_engine != "megatron":
+        return {}
+    b = w.rollout_micro_batch
+    layers = s.num_layers // lay.pp
+    out = {}
+    if lay.pp == 1:  # static KV cache for the whole batch, allocated at the first forward
+        out["KV cache (megatron engine)"] = 2 * layers * w.seq_len * b * (s.num_query_groups // lay.tp) \
+            * s.head_dim * act
+        out["prefill working set"] = _layer_ws(inp, s, inp.student_dtype, seq_len=w.prompt_len, micro_batch=b)
+    else:  # the PP path recomputes the whole prefix each step (no cache)
+        out["forward working set (no KV cache)"] = _layer_ws(inp, s, inp.student_dtype, seq_len=w.seq_len,
+                                                             micro_batch=b)
+    if stage == lay.pp - 1:
+        out["last-position logits"] = b * inp.padded_vocab * (act + 4)
+    return out
+
+
+def _scoring(inp: PlanInputs, stage: int) -> dict[str, int]:
+    w, lay = inp.workload, inp.layout
+    a_s, a_t = DTYPE_BYTES[inp.student_dtype], DTYPE_BYTES[inp.teacher_dtype]
+    hs, ht = inp.student.hidden_size, inp.teacher.hidden_size
+    mb_tokens = w.micro_batch * w.seq_len
+    fwd = max(_layer_ws(inp, m, d, seq_len=w.seq_len, micro_batch=w.micro_batch)
+              for m, d in ((inp.student, inp.student_dtype), (inp.teacher, inp.teacher_dtype)))
+    if stage != lay.pp - 1:
+        return {"forward working set": fwd}
+    rows = w.num_microbatches * mb_tokens
+    c = min(w.score_chunk_tokens, mb_tokens)
+    v_local = inp.padded_vocab // lay.tp
+    v_valid = min(v_local, w.shared_vocab)
+    hidden = {"teacher hidden (kept to the gradient pass)": rows * ht * a_t,
+              "student hidden": rows * hs * a_s}
+    stats = {
+        **hidden,
+        "hidden [b*S, H] copies (1 micro-batch)": mb_tokens * (hs * a_s + ht * a_t),
+        "logits chunk (student + teacher)": c * v_local * (a_s + a_t),
+        "token-stats work buffers": 5 * _ops_rows(inp, c) * v_valid * 4 + 40 * c * 4,
+        "per-token stats (5 x fp32)": 2 * 5 * rows * 4,
+    }
+    forward = {"teacher hidden (kept to the gradient pass)": hidden["teacher hidden (kept to the gradient pass)"],
+               "student hidden": hidden["student hidden"] - mb_tokens * hs * a_s, "forward working set": fwd}
+    return stats if sum(stats.values()) >= sum(forward.values()) else forward
+
+
+def _gradient(inp: PlanInputs, stage: int) -> dict[str, int]:
+    w, lay, st, s = inp.workload, inp.layout, inp.settings, inp.student
+    a_s, a_t = DTYPE_BYTES[inp.student_dtype], DTYPE_BYTES[inp.teacher_dtype]
+    first, last = stage == 0, stage == lay.pp - 1
+    mb_tokens = w.micro_batch * w.seq_len
+    n = w.kept_per_microbatch()
+    in_flight = min(lay.pp - stage, w.num_microbatches)  # 1F1B: stage p holds pp - p micro-batches
+    acts_mb = stage_activation_bytes(
+        s, layers=s.num_layers // lay.pp, seq_len=w.seq_len, micro_batch=w.micro_batch, tp=lay.tp,
+        sp=st.sequence_parallel, act_bytes=a_s, attention=inp.runtime.attention,
+        recompute=st.recompute_granularity, method=st.recompute_method, num_layers=st.recompute_num_layers)
+    if first:
+        acts_mb += mb_tokens * (8 + (1 if lay.tp > 1 else 0))  # token ids (+ vocab-range mask)
+    if last:
+        acts_mb += mb_tokens * (3 * s.hidden_size + 1) * a_s + n * s.hidden_size * a_s  # final norm, gathered rows
+    else:
+        acts_mb += mb_tokens * s.hidden_size * a_s  # stage output kept by the schedule until backward
+    acts = {f"student activations ({in_flight} micro-batch{'es' if in_flight > 1 else ''})": in_flight * acts_mb}
+    bwd_ws = _layer_ws(inp, s, inp.student_dtype, seq_len=w.seq_len, micro_batch=w.micro_batch)
+    v_local = inp.padded_vocab // lay.tp
+    emb = v_local * s.hidden_size * a_s
+    # Tied weights on one stage: autograd holds the output layer's weight gradient in the shared
+    # parameter's input buffer until the embedding's gradient arrives, then sums out of place.
+    held = emb if (s.tie_word_embeddings and lay.pp == 1) else 0
+    moments = [{**acts, "backward working set (1 layer)": bwd_ws,
+                "output-layer weight grad held for the tied embedding": held}]
+    if last:
+        v_valid = min(v_local, w.shared_vocab)
+        rows = _ops_rows(inp, n)
+        logits = n * v_local * (a_s + a_t)  # student logits (graph) + teacher logits, kept positions
+        loss_fwd = 5 * rows * v_valid * 4 + n * inp.teacher.hidden_size * a_t
+        loss_bwd = n * v_local * a_s + 2 * rows * v_valid * 4  # dL/dlogits + two fp32 chunks
+        out_bwd = n * v_local * a_s + emb  # dL/dlogits + output weight grad
+        moments.append({**acts, "logits at kept positions + loss": max(logits + max(loss_fwd, loss_bwd), out_bwd)})
+    if first:  # dense embedding gradient at the end of backward (earlier micro-batches still live)
+        moments.append({"student activations (other micro-batches)": (in_flight - 1) * acts_mb,
+                        "embedding weight gradient": emb * (3 if held else 1)})
+    out = max(moments, key=lambda m: sum(m.values()))
+    if last:
+        out = {"teacher hidden (kept to the gradient pass)": w.num_microbatches * mb_tokens
+               * inp.teacher.hidden_size * a_t, **out}
+    return {k: int(v) for k, v in out.items() if v}
+
+
+def _optimizer(inp: PlanInputs, stage: int) -> dict[str, int]:
+    w, lay = inp.workload, inp.layout
+    out = {}
+    if stage == lay.pp - 1:
+        out["teacher hidden (kept to the gradient pass)"] = w.num_microbatches * w.micro_batch * w.seq_len \
+            * inp.teacher.hidden_size * DTYPE_BYTES[inp.teacher_dtype]
+    if not inp.runtime.fused_adam:
+        kw = dict(tp=lay.tp, pp=lay.pp, pp_rank=stage, padded_vocab=inp.padded_vocab)
+        if inp.runtime.kind == "cpu":  # torch AdamW, single-tensor: sqrt(v) and sqrt(v)/c live together
+            out["optimizer temporaries"] = 2 * largest_param(inp.student, **kw) * 4
+        else:  # torch AdamW, foreach: one fp32 temporary per parameter at once
+            shard = lay.dp if inp.settings.distributed_optimizer else 1
+            out["optimizer temporaries"] = 2 * params_per_rank(inp.student, **kw) * 4 // shard
+    return out
+
+
+def stage_memory(inp: PlanInputs, stage: int) -> StageMemory:
+    """Memory of pipeline stage ``stage`` (any TP / DP rank of it: they are alike)."""
+    phases = {"scoring": _scoring(inp, stage), "gradient": _gradient(inp, stage),
+              "optimizer": _optimizer(inp, stage)}
+    if inp.workload.rollout_engine in ("megatron", "vllm"):
+        phases = {"rollout": _rollout(inp, stage), **phases}
+    return StageMemory(stage=stage, persistent=_persistent(inp, stage), phases=phases)
+
+
+def plan_memory(inp: PlanInputs) -> list[StageMemory]:
+    """One StageMemory per pipeline stage."""
+    return [stage_memory(inp, p) for p in range(inp.layout.pp)]
+
+
+def vllm_kv_capacity_tokens(inp: PlanInputs) -> int:
+    """Tokens of KV cache vLLM can hold inside its reservation (after its weight copy)."""
+    s, lay = inp.student, inp.layout
+    act = DTYPE_BYTES[inp.student_dtype]
+    res = inp.workload.vllm_gpu_memory_utilization * (inp.device.memory_bytes if inp.device else 0)
+    weights = params_per_rank(s, tp=lay.tp, pp=1, pp_rank=0, padded_vocab=inp.padded_vocab) * act
+    per_token = 2 * s.num_layers * max(1, s.num_query_groups // lay.tp) * s.head_dim * act
+    return max(0, math.floor((res - weights - 2 * GiB) / per_token))  # ~2 GiB: vLLM's activation profile
