@@ -12,11 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_tip.models.spec import ModelSpec
+from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.plan.devices import Device, device as lookup_device
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-VOCAB_DIVISIBLE_BY = 128
 
 # Dotted config keys the planner understands even where the config does not define them yet.
 PLANNER_KEYS = {
@@ -27,6 +26,9 @@ PLANNER_KEYS = {
     "optim.distributed_optimizer": ("distributed_optimizer", bool),
     "rollout.vllm_sleep_level": ("vllm_sleep_level", int),
 }
+# Proposed, not read by the trainer yet: the megatron engine samples max(train.micro_batch_size, 8)
+# sequences at a time. Accepted here to show what a separate rollout batch would change.
+WHAT_IF_KEYS = {"rollout.micro_batch_size": int}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Workload:
     rollout_engine: str = "megatron"
     rollout_micro_batch: int = 8
     vllm_gpu_memory_utilization: float = 0.4
+    policy: str = "topk"  # selection policy ("quadrants": the kept share is data-dependent)
 
     @property
     def num_microbatches(self) -> int:
@@ -110,8 +113,7 @@ class PlanInputs:
     @property
     def padded_vocab(self) -> int:
         """Both models shard the same padded vocab (as the trainer builds them)."""
-        multiple = VOCAB_DIVISIBLE_BY * self.layout.tp
-        return -(-max(self.student.vocab_size, self.teacher.vocab_size) // multiple) * multiple
+        return padded_vocab(max(self.student.vocab_size, self.teacher.vocab_size), tp=self.layout.tp)
 
     def with_(self, **changes: Any) -> "PlanInputs":
         """A copy with fields of the inputs, layout, settings or workload replaced (by name)."""
@@ -127,17 +129,14 @@ class PlanInputs:
         return out
 
 
-def _get(cfg: Any, *paths: str, default: Any = None) -> Any:
-    """First of the dotted ``paths`` that exists in ``cfg`` (old and new config layouts)."""
-    for path in paths:
-        node = cfg
-        for part in path.split("."):
-            if not hasattr(node, part):
-                break
-            node = getattr(node, part)
-        else:
-            return node
-    return default
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+    """The dotted config field ``path``, or ``default`` where the config does not define it."""
+    node = cfg
+    for part in path.split("."):
+        if not hasattr(node, part):
+            return default
+        node = getattr(node, part)
+    return node
 
 
 def split_overrides(overrides: list[str], cfg_cls: Any = None) -> tuple[list[str], dict[str, str]]:
@@ -151,7 +150,7 @@ def split_overrides(overrides: list[str], cfg_cls: Any = None) -> tuple[list[str
         section, _, field = key.partition(".")
         sec_cls = cfg_cls.__dataclass_fields__.get(section)
         defined = sec_cls is not None and field in getattr(sec_cls.default_factory, "__dataclass_fields__", {})
-        if key in PLANNER_KEYS and not defined:
+        if (key in PLANNER_KEYS or key in WHAT_IF_KEYS) and not defined:
             planner[key] = ov.split("=", 1)[1]
         else:
             known.append(ov)
@@ -181,7 +180,7 @@ def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
         return s.spec(), f"shape table: {s.name} ({s.source} config.json)"
     p = Path(path) if path else None
     if p is not None and ((p / "config.json").is_file() or (p / "model_spec.json").is_file()):
-        from megatron_tip.run_setup import read_spec
+        from megatron_tip.checkpoint import read_spec
 
         return read_spec(path), f"{path}"
     if not path:
@@ -225,14 +224,15 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
     r = cfg.rollout
     mbs = int(cfg.train.micro_batch_size)
     prompt_len = int(cfg.data.max_prompt_len)
-    shared = _get(cfg, "scoring.vocab_size", "train.vocab_size") or min(student.vocab_size, teacher.vocab_size)
+    shared = cfg.scoring.vocab_size or min(student.vocab_size, teacher.vocab_size)
     workload = Workload(
         rollouts=prompts // dp * int(r.samples_per_prompt), seq_len=prompt_len + int(r.max_new_tokens),
         prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=mbs, keep_ratio=keep,
-        score_chunk_tokens=int(_get(cfg, "scoring.score_chunk_tokens", "train.score_chunk_tokens", default=512)),
-        stats_chunk_size=_get(cfg, "scoring.stats_chunk_size", "train.stats_chunk_size"),
+        score_chunk_tokens=cfg.scoring.score_chunk_tokens, stats_chunk_size=cfg.scoring.stats_chunk_size,
         shared_vocab=int(shared), rollout_engine=r.engine,
-        rollout_micro_batch=int(_get(cfg, "rollout.micro_batch_size", default=max(mbs, 8))),
+        rollout_micro_batch=int((planner or {}).get("rollout.micro_batch_size")
+                                or _get(cfg, "rollout.micro_batch_size", default=max(mbs, 8))),
+        policy=sel.policy,
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
                       teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),

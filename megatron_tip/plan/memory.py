@@ -65,6 +65,11 @@ def params_per_rank(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_v
     return n
 
 
+def total_params(spec: ModelSpec) -> int:
+    """Parameters of the unsharded, unpadded model (embeddings counted once when tied)."""
+    return params_per_rank(spec, tp=1, pp=1, pp_rank=0, padded_vocab=spec.vocab_size)
+
+
 def largest_param(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_vocab: int) -> int:
     """Elements of the biggest single parameter tensor on a rank (optimizer temporaries)."""
     h = spec.hidden_size

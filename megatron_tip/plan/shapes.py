@@ -22,7 +22,7 @@ class Shape:
     config: dict[str, Any]
 
     def spec(self) -> ModelSpec:
-        from megatron_tip.convert.families import spec_from_hf_config
+        from megatron_tip.models.hf.families import spec_from_hf_config
 
         return spec_from_hf_config(self.config)
 

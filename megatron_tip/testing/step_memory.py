@@ -70,17 +70,17 @@ def overrides(case: Case, root: Path) -> list[str]:
         "selection.policy=topk", f"selection.keep_ratio={case.keep_ratio}", "selection.scope=per_sequence"]
     return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}", f"data.prompts={PROMPTS}",
             f"parallel.tensor_parallel={case.tp}", f"parallel.pipeline_parallel={case.pp}",
-            f"train.vocab_size={case.vocab}", f"train.micro_batch_size={case.micro_batch}",
+            f"scoring.vocab_size={case.vocab}", f"train.micro_batch_size={case.micro_batch}",
             f"train.prompts_per_step={case.rollouts}", "rollout.samples_per_prompt=1",
             f"rollout.max_new_tokens={case.response_len}", "data.max_prompt_len=512",
-            f"train.score_chunk_tokens={case.score_chunk_tokens}", "train.tensorboard=false",
-            f"train.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy] + (
-            [f"train.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else [])
+            f"scoring.score_chunk_tokens={case.score_chunk_tokens}", "log.tensorboard=false",
+            f"run.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy] + (
+            [f"scoring.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else [])
 
 
 def _packed(case: Case, pad_id: int):
-    from megatron_tip.data import pack_rollouts
     from megatron_tip.rollout.base import Rollout
+    from megatron_tip.rollout.packing import pack_rollouts
 
     g = torch.Generator().manual_seed(0)
     rollouts = [Rollout(prompt_index=i, prompt_ids=torch.randint(4, case.vocab, (case.prompt_len,), generator=g).tolist(),
@@ -89,42 +89,36 @@ def _packed(case: Case, pad_id: int):
     return pack_rollouts(rollouts, pad_id=pad_id)
 
 
-def _step(trainer, setup, cfg, ctx, packed, step: int, mem=None) -> dict[str, int]:
-    from megatron_tip.selection import select_tokens
-
+def _step(trainer, packed, step: int, mem=None) -> dict[str, int]:
+    """The trainer's own scoring, selection, gradient pass and optimizer step on ``packed``."""
     peaks = {}
     scored = trainer.score(packed)
-    mask = None
-    if scored.stats is not None:
-        st = scored.stats
-        mask = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
-                             forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=step).mask
+    sel, _ = trainer.select(scored, step)
     peaks["scoring"] = mem.mark() if mem else 0
-    trainer.gradient_pass(scored, mask)
+    trainer.gradient_pass(scored, sel.mask if sel is not None else None)
     peaks["gradient"] = mem.mark() if mem else 0
-    setup.optimizer.step()
-    setup.scheduler.step(increment=1)
+    trainer.optimizer_step()
     peaks["optimizer"] = mem.mark() if mem else 0
     return peaks
 
 
 def measure_rank(rank: int, world: int, case: Case, root: Path) -> dict:
-    """Run on every rank of ``run_distributed(measure_rank, case.world, case, root)``."""
+    """Run on every rank of ``megatron_tip.launch.run_distributed(measure_rank, case.world, case, root)``."""
+    from megatron_tip.build import build
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
-    from megatron_tip.run_setup import TrainingSetup
     from megatron_tip.testing.memory import PeakMemory
     from megatron_tip.trainer import Trainer
 
     ctx = init_parallel(case.tp, pp=case.pp)
     cfg = load_config(None, overrides(case, root))
-    setup = TrainingSetup(cfg, ctx)
-    trainer = Trainer(cfg, ctx, setup)
-    packed = _packed(case, setup.pad_id)
-    _step(trainer, setup, cfg, ctx, packed, 0)  # warm-up: Adam state and megatron's buffers exist after it
+    parts = build(cfg, ctx)
+    trainer = Trainer(cfg, ctx, parts)
+    packed = _packed(case, parts.pad_id)
+    _step(trainer, packed, 0)  # warm-up: Adam state and megatron's buffers exist after it
     gc.collect()
     with PeakMemory() as mem:
-        peaks = _step(trainer, setup, cfg, ctx, packed, 1, mem)
+        peaks = _step(trainer, packed, 1, mem)
     return {"rank": rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "resident": mem.resident, **peaks}
 
 
@@ -132,7 +126,7 @@ def predict(case: Case, root: Path):
     """The planner's StageMemory list for ``case`` (same shapes, CPU runtime, no rollout phase)."""
     from megatron_tip.plan.inputs import CPU_RUNTIME, Layout, PlanInputs, Settings, Workload
     from megatron_tip.plan.memory import plan_memory
-    from megatron_tip.run_setup import read_spec
+    from megatron_tip.checkpoint import read_spec
 
     w = Workload(rollouts=case.rollouts, seq_len=case.seq_len, prompt_len=case.prompt_len,
                  response_len=case.response_len, micro_batch=case.micro_batch, keep_ratio=case.keep_ratio,

@@ -1,0 +1,48 @@
+"""Capacity planner: will a TIP run fit, and how long will a step take (``python -m megatron_tip.plan``).
+
+``plan_config`` reads the same config the trainer reads; ``preflight`` is what the trainer prints
+once at start-up. Formulas and assumptions: docs/planner.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from megatron_tip.plan.inputs import PlanInputs, Runtime, Settings, Workload, inputs_from_config
+from megatron_tip.plan.memory import plan_memory
+from megatron_tip.plan.report import build_plan, format_plan
+
+__all__ = ["PlanInputs", "Runtime", "Settings", "Workload", "build_plan", "format_plan", "inputs_from_config",
+           "plan_config", "plan_memory", "preflight"]
+
+
+def plan_config(cfg: Any, **kwargs: Any) -> tuple[PlanInputs, dict[str, Any]]:
+    """(inputs, plan dict) for a RunConfig; kwargs as ``inputs_from_config``."""
+    inp = inputs_from_config(cfg, **kwargs)
+    return inp, build_plan(inp)
+
+
+def _local_device() -> Optional[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    for key, dev in (("h200", "h200-141gb"), ("h100", "h100-80gb"), ("a100", "a100-80gb")):
+        if key in name:
+            return dev
+    return "h100-80gb"
+
+
+def preflight(cfg: Any, ctx: Any, student_spec: Any, teacher_spec: Any) -> str:
+    """The plan of this run on this machine's layout, as text (the trainer prints it once).
+
+    On a GPU the device figures of the matching part are used (H100 when unknown); on CPU the
+    memory model runs with the CPU runtime (fp32, unfused attention, torch AdamW) and no timing.
+    """
+    from megatron_tip.plan.inputs import CPU_RUNTIME
+
+    gpu = _local_device()
+    inp = inputs_from_config(cfg, gpu=gpu, world_size=ctx.world_size, student=student_spec,
+                             teacher=teacher_spec, runtime=None if gpu else CPU_RUNTIME)
+    inp = inp.with_(student_source=str(cfg.student.path), teacher_source=str(cfg.teacher.path))
+    return format_plan(inp, build_plan(inp), title="preflight")

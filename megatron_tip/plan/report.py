@@ -1,0 +1,120 @@
+"""The plan as a dict (for tests and JSON) and as the text the CLI and the trainer print."""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_tip.plan.devices import EFFICIENCY, LAUNCH_OVERHEAD_S
+from megatron_tip.plan.inputs import PlanInputs
+from megatron_tip.plan.memory import GiB, PHASES, StageMemory, plan_memory, total_params, vllm_kv_capacity_tokens
+from megatron_tip.plan.timing import step_time
+
+TIGHT = 0.05  # headroom below this fraction of the device is reported as tight
+
+
+def _notes(inp: PlanInputs) -> list[str]:
+    w, lay, st, rt = inp.workload, inp.layout, inp.settings, inp.runtime
+    notes = []
+    if w.rollout_engine == "megatron" and lay.pp > 1:
+        notes.append("rollout.engine=megatron with PP>1 has no KV cache: every new token re-runs the whole "
+                     "prefix (quadratic in the response length); use PP=1 (more TP) or the vLLM engine")
+    if rt.attention == "unfused" and rt.kind == "gpu":
+        notes.append("attention without Transformer Engine keeps [b, heads, S, S] scores per layer")
+    if st.sequence_parallel and rt.attention != "flash":
+        notes.append("parallel.sequence_parallel needs the Transformer Engine layer spec (megatron's torch "
+                     "norms refuse it)")
+    if w.policy == "quadrants":
+        notes.append("selection.policy=quadrants keeps a data-dependent share (paper: Q3 is 3-15% of "
+                     "tokens); planned as keep ratio 1.0, the worst case")
+    if w.rollout_engine == "vllm" and inp.device is not None:
+        cap = vllm_kv_capacity_tokens(inp)
+        need = w.rollouts * w.seq_len
+        notes.append(f"vLLM KV capacity ~{cap:,} tokens for {need:,} rollout tokens per rank "
+                     f"({'all at once' if cap >= need else f'{-(-need // max(cap, 1))} waves'})")
+    return notes
+
+
+def build_plan(inp: PlanInputs) -> dict[str, Any]:
+    """Memory per stage and phase, the peak, fit, and the step-time split (when a device is set)."""
+    stages = plan_memory(inp)
+    worst = max(stages, key=lambda s: s.peak)
+    out: dict[str, Any] = {
+        "stages": [{"stage": s.stage, "persistent": s.persistent, "phases": s.phases,
+                    "totals": {p: s.total(p) for p in s.phases}, "peak_phase": s.peak_phase, "peak": s.peak}
+                   for s in stages],
+        "worst_stage": worst.stage, "peak_phase": worst.peak_phase, "peak_bytes": worst.peak,
+        "notes": _notes(inp),
+    }
+    if inp.device is not None:
+        cap = inp.device.memory_bytes
+        out.update(capacity_bytes=cap, headroom_bytes=cap - worst.peak, fits=worst.peak <= cap,
+                   tight=0 <= cap - worst.peak < TIGHT * cap, time_s=step_time(inp))
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:7.2f}"
+
+
+def _stage_table(st: StageMemory) -> list[str]:
+    phases = [p for p in PHASES if p in st.phases]
+    names = list(st.persistent) + [k for p in phases for k in st.phases[p] if k not in st.persistent]
+    names = list(dict.fromkeys(names))
+    width = max(len(n) for n in names + ["total"]) + 2
+    lines = [f"  {'GiB':<{width}}" + "".join(f"{p:>11}" for p in phases)]
+    for n in names:
+        cells = []
+        for p in phases:
+            v = st.persistent.get(n, 0) + st.phases[p].get(n, 0)
+            cells.append(f"{_gib(v):>11}" if v else f"{'-':>11}")
+        lines.append(f"  {n:<{width}}" + "".join(cells))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{_gib(st.total(p)):>11}" for p in phases))
+    return lines
+
+
+def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> str:
+    w, lay, st = inp.workload, inp.layout, inp.settings
+    s_n, t_n = total_params(inp.student), total_params(inp.teacher)
+    dev = inp.device
+    where = f"{lay.world} x {dev.name} ({lay.nodes} node{'s' if lay.nodes > 1 else ''})" if dev else \
+        f"{lay.world} CPU rank(s)"
+    kept = int(w.kept_per_microbatch() / w.micro_batch)
+    lines = [f"TIP step plan{': ' + title if title else ''}",
+             f"  student  {s_n / 1e9:.2f}B params, {inp.student_dtype}  <- {inp.student_source}",
+             f"  teacher  {t_n / 1e9:.2f}B params, {inp.teacher_dtype}  <- {inp.teacher_source}",
+             f"  layout   {where}: TP={lay.tp} PP={lay.pp} DP={lay.dp}, sequence parallel "
+             f"{'on' if st.sequence_parallel else 'off'}",
+             f"  memory   recompute {st.recompute_granularity}"
+             + (f" ({st.recompute_method}, {st.recompute_num_layers} layer(s))" if st.recompute_granularity == "full"
+                else "")
+             + f", distributed optimizer {'on' if st.distributed_optimizer else 'off'}, "
+             f"attention {inp.runtime.attention}, rollout {w.rollout_engine}"
+             + (f" (gpu_memory_utilization {w.vllm_gpu_memory_utilization}, sleep level {st.vllm_sleep_level})"
+                if w.rollout_engine == "vllm" else
+                f" (micro-batch {w.rollout_micro_batch})" if w.rollout_engine == "megatron" else ""),
+             f"  step     {w.rollouts} sequences per DP rank x {w.seq_len} tokens (worst case: prompt "
+             f"{w.prompt_len} + response {w.response_len}), {w.num_microbatches} micro-batch(es) of {w.micro_batch}; "
+             f"keep ratio {w.keep_ratio:g} -> {kept} of {w.response_len} positions per sequence in the gradient pass; "
+             f"scoring logits {w.score_chunk_tokens} rows at a time", ""]
+    for s in plan["stages"]:
+        sm = StageMemory(s["stage"], s["persistent"], s["phases"])
+        worst = " (worst)" if s["stage"] == plan["worst_stage"] and lay.pp > 1 else ""
+        lines += [f"Per-GPU memory, pipeline stage {s['stage']} of {lay.pp}{worst}"] + _stage_table(sm) + [""]
+    peak = plan["peak_bytes"]
+    verdict = f"peak {peak / GiB:.2f} GiB in the {plan['peak_phase']} phase"
+    if dev is not None:
+        head = plan["headroom_bytes"]
+        verdict += (f" of {dev.memory_gib:.2f} GiB -> FITS ({head / GiB:.2f} GiB free"
+                    f"{', tight' if plan['tight'] else ''})" if plan["fits"] else
+                    f" of {dev.memory_gib:.2f} GiB -> DOES NOT FIT (short by {-head / GiB:.2f} GiB)")
+    lines.append(verdict)
+    if "time_s" in plan:
+        t = plan["time_s"]
+        lines += ["", f"Step time estimate: {sum(t.values()):.0f} s per step"]
+        lines += [f"  {k:<28}{v:9.1f} s" for k, v in t.items()]
+        lines.append(f"  assumptions: GEMM at {EFFICIENCY['gemm']:.0%} of peak bf16, streaming at "
+                     f"{EFFICIENCY['hbm']:.0%} of HBM, links at {EFFICIENCY['link']:.0%}; eager decode "
+                     f"{LAUNCH_OVERHEAD_S[w.rollout_engine if w.rollout_engine in LAUNCH_OVERHEAD_S else 'megatron'] * 1e3:.2f}"
+                     f" ms launch cost per layer per token; no overlap")
+    for n in plan["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
