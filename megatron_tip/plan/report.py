@@ -37,7 +37,10 @@ def build_plan(inp: PlanInputs) -> dict[str, Any]:
     """Memory per stage and phase, the peak, fit, and the step-time split (when a device is set)."""
     stages = plan_memory(inp)
     worst = max(stages, key=lambda s: s.peak)
+    lay = inp.layout
     out: dict[str, Any] = {
+        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "nodes": lay.nodes, "world": lay.world,
+                   "gpu": inp.device.name if inp.device else "cpu"},
         "stages": [{"stage": s.stage, "persistent": s.persistent, "phases": s.phases,
                     "totals": {p: s.total(p) for p in s.phases}, "peak_phase": s.peak_phase, "peak": s.peak}
                    for s in stages],

@@ -47,14 +47,21 @@ class PeakMemory(TorchDispatchMode):
         self.resident = 0
         self._interval_peak = 0
         self._seen: set[int] = set()
+        self._watch: list[weakref.finalize] = []
 
     def __enter__(self):
         existing = live_storages()
         self.resident = sum(st.nbytes() for st in existing.values())
         for key, st in existing.items():  # not counted; forgotten when freed (the address may be reused)
             self._seen.add(key)
-            weakref.finalize(st, self._seen.discard, key)
+            self._watch.append(weakref.finalize(st, self._seen.discard, key))
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        for f in self._watch:  # do not leave one finalizer per resident storage behind
+            f.detach()
+        self._watch.clear()
+        return super().__exit__(*exc)
 
     def mark(self) -> int:
         """Peak bytes since the previous mark; the next interval starts at the current bytes."""

@@ -1,0 +1,72 @@
+"""`python -m megatron_tip.plan` on every example config: report structure, and the paper pairs fit."""
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_tip.config import load_config
+from megatron_tip.plan import preflight
+from megatron_tip.plan.__main__ import main
+from megatron_tip.plan.memory import PHASES
+from tests.helpers.paths import REPO
+
+CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+_spec = importlib.util.spec_from_file_location("plan_paper_configs", REPO / "tools" / "plan_paper_configs.py")
+paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper)
+
+
+def _plan(capsys, argv):
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_plan_runs_on_every_example_config(config, capsys):
+    plan = json.loads(_plan(capsys, ["--config", str(config), "--json"]))
+    assert plan["stages"] and plan["peak_bytes"] > 0 and plan["capacity_bytes"] > 0
+    for stage in plan["stages"]:
+        assert set(stage["phases"]) <= set(PHASES) and {"scoring", "gradient", "optimizer"} <= set(stage["phases"])
+        for phase, total in stage["totals"].items():
+            assert total == sum(stage["persistent"].values()) + sum(stage["phases"][phase].values())
+        assert stage["peak"] == max(stage["totals"].values())
+    assert plan["peak_bytes"] == max(s["peak"] for s in plan["stages"])
+    assert set(plan["time_s"]) == {"rollout", "teacher scoring", "student scoring", "gradient pass + optimizer",
+                                   "weight sync"}
+    assert all(t >= 0 for t in plan["time_s"].values()) and plan["time_s"]["gradient pass + optimizer"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(paper.PROPOSED))
+def test_paper_pairs_fit_one_h100_node_with_the_proposed_settings(name, capsys):
+    rc, out = paper.report(name, json_out=True)
+    plan = json.loads(out)
+    assert rc == 0 and plan["fits"] and not plan["tight"], (name, plan["peak_bytes"] / 2**30)
+    assert plan["layout"]["nodes"] == 1 and plan["layout"]["world"] == 8 and plan["layout"]["gpu"] == "h100-80gb"
+    text = paper.report(name)[1]
+    assert "-> FITS" in text and "Step time estimate" in text and "Per-GPU memory" in text
+
+
+def test_planner_keys_before_the_config_defines_them(capsys):
+    cfg = str(REPO / "examples/configs/qwen3_8b_to_4b.yaml")
+    base = json.loads(_plan(capsys, ["--config", cfg, "--json"]))
+    full = json.loads(_plan(capsys, ["--config", cfg, "--json", "student.recompute_granularity=full",
+                                     "optim.distributed_optimizer=true"]))
+    assert full["peak_bytes"] < base["peak_bytes"]
+    assert full["time_s"]["gradient pass + optimizer"] > base["time_s"]["gradient pass + optimizer"]
+
+
+def test_clear_errors(capsys):
+    cfg = str(REPO / "examples/configs/qwen3_8b_to_4b.yaml")
+    assert main(["--config", cfg, "--shape", "student=mistral-7b"]) == 2
+    assert "known shapes" in capsys.readouterr().err
+    assert main(["--config", cfg, "train.micro_batch_size=0"]) == 2
+    assert "micro_batch_size" in capsys.readouterr().err
+
+
+def test_preflight_text_on_cpu():
+    from megatron_tip.plan.shapes import SHAPES
+
+    cfg = load_config(str(REPO / "examples/configs/qwen3_8b_to_4b.yaml"))
+    text = preflight(cfg, SimpleNamespace(world_size=8), SHAPES["qwen3-4b"].spec(), SHAPES["qwen3-8b"].spec())
+    assert text.startswith("TIP step plan: preflight") and "TP=2 PP=1 DP=4" in text and "peak" in text
