@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = build_plan(inp)
+    if "rollout.micro_batch_size" in planner:
+        plan["notes"].append("rollout.micro_batch_size is a proposal the trainer does not read yet (the megatron "
+                             "engine samples max(train.micro_batch_size, 8) sequences at a time)")
     print(json.dumps(plan, indent=2) if args.json else format_plan(inp, plan, title=args.config))
     return 0
 

@@ -93,7 +93,8 @@ class Workload:
 
     def kept_per_microbatch(self) -> int:
         """Gradient-pass positions of one micro-batch: floor(rho * m) per sequence (selection)."""
-        return self.micro_batch * math.floor(self.keep_ratio * self.response_len + 1e-6)
+        rows = min(self.micro_batch, self.rollouts)  # a lone short micro-batch is padded with empty rows
+        return rows * math.floor(self.keep_ratio * self.response_len + 1e-6)
 
 
 @dataclass(frozen=True)

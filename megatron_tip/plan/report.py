@@ -19,6 +19,9 @@ def _notes(inp: PlanInputs) -> list[str]:
                      "prefix (quadratic in the response length); use PP=1 (more TP) or the vLLM engine")
     if rt.attention == "unfused" and rt.kind == "gpu":
         notes.append("attention without Transformer Engine keeps [b, heads, S, S] scores per layer")
+    if st.sequence_parallel:
+        notes.append("sequence parallelism: hidden states entering the output layer are sequence-sharded; "
+                     "the kept teacher hidden states are planned unsharded [S, b, H] per rank")
     if st.sequence_parallel and rt.attention != "flash":
         notes.append("parallel.sequence_parallel needs the Transformer Engine layer spec (megatron's torch "
                      "norms refuse it)")

@@ -1,0 +1,210 @@
+"""Whole-step peak memory and step time vs keep ratio ρ, measured side by side, plus the planner's view.
+
+A Qwen3-shaped pair scaled to this CPU, with the full Qwen vocabulary (V=151,936), so the output
+layer and the logits dominate as at real proportions they do not (see docs/planner.md). Each ρ
+runs in its own forked process the trainer's real ``train_step``: rollout (megatron engine),
+scoring, selection, gradient pass, optimizer step. Step 0 warms up (Adam state, megatron
+buffers); step 1 is measured under ``PeakMemory`` (resident storages + per-phase peaks of new
+ones; the dispatch hook slows ops, so no timing there); steps 2.. are timed (best of --repeats) in
+CPU seconds of the process per phase (1 torch thread: robust to other jobs on a shared machine;
+the trainer's wall clocks are kept in the JSON too). The planner then predicts the same CPU steps, and
+projects the curve for Qwen3-8B -> Qwen3-4B on 8 x H100 (examples/configs/qwen3_8b_to_4b.yaml with
+the proposed memory settings).
+
+    python tools/bench_token_budget.py --out docs/results/token_budget.json
+    python tools/plot_token_budget.py --json docs/results/token_budget.json --out docs/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "examples" / "toy" / "models" / "tokenizer"
+V = 151_936
+STUDENT = dict(family="qwen3", hidden=256, layers=4, heads=8, kv_heads=2, ffn=768, tie=True)  # Qwen3-4B-like: tied
+TEACHER = dict(family="qwen3", hidden=320, layers=6, heads=8, kv_heads=2, ffn=960, tie=False)
+PHASES = {"rollout": "rollout", "score": "scoring", "select": "selection", "gradient_pass": "gradient",
+          "optimizer_step": "optimizer", "sync_weights": "sync"}
+
+
+def _overrides(args, root: Path, rho: float) -> list[str]:
+    policy = ["selection.policy=all"] if rho >= 1 else ["selection.policy=topk", "selection.score=soft_or",
+                                                         f"selection.keep_ratio={rho}"]
+    return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
+            f"data.prompts={REPO / 'examples/toy/data/train.jsonl'}", "data.max_prompt_len=128",
+            f"scoring.vocab_size={V}", f"train.micro_batch_size={args.micro_batch}",
+            f"train.prompts_per_step={args.prompts}", f"rollout.samples_per_prompt={args.samples}",
+            f"rollout.max_new_tokens={args.new_tokens}", "train.steps=100", "optim.lr=1e-5",
+            "log.tensorboard=false", f"run.out_dir={root / 'run'}", *policy]
+
+
+def _measure(rank, world, args, root: Path, rho: float) -> dict:
+    import torch
+
+    from megatron_tip.build import build
+    from megatron_tip.config import load_config
+    from megatron_tip.distributed import init_parallel
+    from megatron_tip.testing.memory import PeakMemory
+    from megatron_tip.trainer import Trainer
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, _overrides(args, root, rho))
+    ctx = init_parallel(1, seed=cfg.train.seed)
+    trainer = Trainer(cfg, ctx, build(cfg, ctx))
+    marks: dict[str, int] = {}
+    shapes: dict[str, int] = {}
+    cpu: dict[str, float] = {}
+    mem = None
+
+    def wrap(name):
+        original = getattr(trainer, name)
+
+        def call(*a, **k):
+            c0 = time.process_time()
+            out = original(*a, **k)
+            cpu[PHASES[name]] = cpu.get(PHASES[name], 0.0) + time.process_time() - c0
+            if name == "score":
+                shapes["seq_len"] = int(out.packed.input_ids.shape[1])
+                shapes["rollouts"] = int(out.packed.input_ids.shape[0])
+                shapes["response_tokens"] = int(out.packed.valid.sum())
+            if name == "rollout":
+                shapes["max_prompt"] = max(len(r.prompt_ids) for r in out[1])
+            if mem is not None:
+                marks[PHASES[name]] = mem.mark()
+            return out
+        setattr(trainer, name, call)
+
+    for name in PHASES:
+        wrap(name)
+    trainer.train_step(0)  # warm-up
+    with PeakMemory() as mem:
+        metrics = trainer.train_step(1)
+        marks["metrics"] = mem.mark()
+    resident = mem.resident
+    mem = None
+    walls, cpus = [], []
+    for step in range(2, 2 + args.repeats):
+        cpu.clear()
+        c0 = time.process_time()
+        m = trainer.train_step(step)
+        cpu["step"] = time.process_time() - c0
+        walls.append({k: m[f"time_{k}_s"] for k in ("rollout", "score", "select", "train", "sync")})
+        cpus.append(dict(cpu))
+    best = min(range(len(cpus)), key=lambda i: cpus[i]["step"])
+    return {"rho": rho, "n_kept": metrics["n_kept"], "resident": resident, "phase_peaks": marks,
+            "step_peak": resident + max(marks.values()), "wall_s": walls[best], "cpu_s": cpus[best],
+            "shapes": shapes, "kept_ratio": metrics.get("kept_ratio")}
+
+
+def _predict_cpu(args, root: Path, rho: float, shapes: dict) -> dict:
+    from megatron_tip.config import load_config
+    from megatron_tip.plan import build_plan
+    from megatron_tip.plan.inputs import CPU_RUNTIME, inputs_from_config
+
+    cfg = load_config(None, _overrides(args, root, rho))
+    inp = inputs_from_config(cfg, gpu=None, world_size=1, runtime=CPU_RUNTIME)
+    inp = inp.with_(seq_len=shapes["seq_len"], prompt_len=shapes["max_prompt"])
+    plan = build_plan(inp)
+    st = plan["stages"][0]
+    return {"step_peak": plan["peak_bytes"], "peak_phase": plan["peak_phase"], "totals": st["totals"]}
+
+
+def _project_gpu(rhos: list[float]) -> list[dict]:
+    """The planner's curve for the paper's Qwen3-8B -> 4B config on 8 x H100, proposed settings."""
+    import importlib.util
+
+    from megatron_tip.config import load_config
+    from megatron_tip.plan import build_plan
+    from megatron_tip.plan.inputs import inputs_from_config, split_overrides
+
+    spec = importlib.util.spec_from_file_location("plan_paper_configs", REPO / "tools" / "plan_paper_configs.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    out = []
+    for rho in rhos:
+        sel = ["selection.policy=all"] if rho >= 1 else [f"selection.keep_ratio={rho}"]
+        known, planner = split_overrides(paper.PROPOSED["qwen3_8b_to_4b"] + sel)
+        cfg = load_config(str(paper.CONFIGS / "qwen3_8b_to_4b.yaml"), known)
+        plan = build_plan(inputs_from_config(cfg, gpu="h100-80gb", planner=planner))
+        st = plan["stages"][0]
+        out.append({"rho": rho, "step_peak": plan["peak_bytes"], "peak_phase": plan["peak_phase"],
+                    "totals": st["totals"], "time_s": plan["time_s"],
+                    "loss_path": st["phases"]["gradient"].get("logits at kept positions + loss", 0)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--ratios", default="1,0.5,0.2,0.1")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are the time measure)")
+    args = ap.parse_args()
+    from megatron_tip.launch import run_distributed
+    from megatron_tip.testing.tiny_models import make_tiny_hf_model
+
+    rhos = [float(r) for r in args.ratios.split(",")]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, m, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
+            make_tiny_hf_model(root / name, tokenizer_dir=TOKENIZER, family=m["family"], hidden=m["hidden"],
+                               layers=m["layers"], heads=m["heads"], kv_heads=m["kv_heads"], ffn=m["ffn"],
+                               tie=m["tie"], vocab_size=V, seed=seed)
+        rows = []
+        for rho in rhos:
+            row = run_distributed(_measure, 1, args, root, rho, timeout=7200)[0]
+            row["predicted"] = _predict_cpu(args, root, rho, row["shapes"])
+            rows.append(row)
+            print(f"  measured rho={rho:g} ({time.time() - t0:.0f} s)", flush=True)
+    result = {"student": STUDENT, "teacher": TEACHER, "vocab": V, "args": vars(args), "measured": rows,
+              "projection": _project_gpu(rhos), "wall_s": time.time() - t0, "load_avg": os.getloadavg()}
+    _print(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _print(r: dict) -> None:
+    mib, gib = 2**20, 2**30
+    base = r["measured"][0]
+    sh = base["shapes"]
+    print(f"\nmeasured on CPU: student {r['student']}, teacher {r['teacher']}, V={r['vocab']}; "
+          f"{sh['rollouts']} rollouts x {sh['seq_len']} tokens ({sh['response_tokens']} response tokens)")
+    print("memory: MiB of live tensors (resident + phase peak); time: CPU seconds of the step's process "
+          "(1 torch thread), best of the timed steps")
+    print(f"{'rho':>5} {'kept':>6} {'step peak MiB':>14} {'vs 1':>6} {'planner MiB':>12} {'err':>6} "
+          f"{'rollout':>8} {'scoring':>8} {'gradient':>9} {'optim':>7} {'step s':>7} {'vs 1':>6} "
+          f"{'rollout s':>9} {'score s':>8} {'grad s':>7} {'optim s':>8}")
+    total = lambda x: x["cpu_s"]["step"]  # noqa: E731
+    for x in r["measured"]:
+        p = x["phase_peaks"]
+        pred = x["predicted"]["step_peak"]
+        print(f"{x['rho']:>5g} {int(x['n_kept']):>6d} {x['step_peak'] / mib:>14.1f} "
+              f"{x['step_peak'] / base['step_peak']:>6.2f} {pred / mib:>12.1f} {pred / x['step_peak'] - 1:>+6.1%} "
+              + "".join(f"{(x['resident'] + p.get(k, 0)) / mib:>{w}.1f}" for k, w in
+                        (("rollout", 9), ("scoring", 9), ("gradient", 10), ("optimizer", 8)))
+              + f" {total(x):>7.1f} {total(x) / total(base):>6.2f} {x['cpu_s']['rollout']:>9.1f} "
+              f"{x['cpu_s']['scoring']:>8.1f} {x['cpu_s']['gradient']:>7.1f} {x['cpu_s']['optimizer']:>8.1f}")
+    pb = r["projection"][0]
+    print("\nplanner projection, Qwen3-8B -> Qwen3-4B, 8 x H100 (proposed settings):")
+    print(f"{'rho':>5} {'step peak GiB':>14} {'vs 1':>6} {'phase':>9} {'loss path GiB':>14} {'step s':>7} "
+          f"{'vs 1':>6} {'grad pass s':>11}")
+    for x in r["projection"]:
+        t, t0 = sum(x["time_s"].values()), sum(pb["time_s"].values())
+        print(f"{x['rho']:>5g} {x['step_peak'] / gib:>14.2f} {x['step_peak'] / pb['step_peak']:>6.2f} "
+              f"{x['peak_phase']:>9} {x['loss_path'] / gib:>14.2f} {t:>7.0f} {t / t0:>6.3f} "
+              f"{x['time_s']['gradient pass + optimizer']:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

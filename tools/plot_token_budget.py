@@ -1,0 +1,113 @@
+"""Plots of tools/bench_token_budget.py's JSON: memory and time vs keep ratio ρ.
+
+- token_budget_cpu_measured.png: the scaled Qwen3-shaped pair on CPU, measured: whole-step peak
+  and each phase's peak (live tensors), the planner's prediction, and CPU seconds per phase
+- token_budget_qwen3_8b_4b_h100.png: the planner's projection for Qwen3-8B -> 4B on 8 x H100
+  (per-phase memory and step-time split), with the paper's reported end-to-end peaks
+
+    python tools/plot_token_budget.py --json docs/results/token_budget.json --out docs/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Paper, Table "Entropy sampling across model pairs": Peak Mem (GB, Qwen3) at 100/50/20/10%, 8 x H200.
+PAPER_QWEN3_PEAK_GB = {1.0: 72.0, 0.5: 38.1, 0.2: 35.5, 0.1: 35.3}
+PHASE_COLORS = {"rollout": "tab:green", "scoring": "tab:blue", "gradient": "tab:red", "optimizer": "tab:purple"}
+
+
+def plot_measured(r: dict, out: Path) -> Path:
+    rows = sorted(r["measured"], key=lambda x: -x["rho"])
+    x = [row["rho"] for row in rows]
+    mib = 2**20
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for phase, color in PHASE_COLORS.items():
+        a.plot(x, [(row["resident"] + row["phase_peaks"].get(phase, 0)) / mib for row in rows], marker="o",
+               color=color, lw=1, label=f"{phase} phase")
+    a.plot(x, [row["step_peak"] / mib for row in rows], marker="s", color="k", lw=2.5, label="whole step (max)")
+    a.plot(x, [row["predicted"]["step_peak"] / mib for row in rows], ls="none", marker="x", ms=10, color="k",
+           label="planner's prediction")
+    a.set_xscale("log")
+    a.set_xticks(x, [f"{v:g}" for v in x])
+    a.set_xlabel("keep ratio ρ")
+    a.set_ylabel("peak live tensors (MiB)")
+    a.set_ylim(bottom=0)
+    a.legend(fontsize=8)
+    a.set_title("memory (measured, CPU)")
+    bottom = [0.0] * len(rows)
+    for key, color in (("rollout", "tab:green"), ("scoring", "tab:blue"), ("selection", "tab:gray"),
+                       ("gradient", "tab:red"), ("optimizer", "tab:purple")):
+        vals = [row["cpu_s"].get(key, 0.0) for row in rows]
+        b.bar([f"{v:g}" for v in x], vals, bottom=bottom, color=color, label=key)
+        bottom = [u + v for u, v in zip(bottom, vals)]
+    b.set_xlabel("keep ratio ρ")
+    b.set_ylabel("CPU seconds per step")
+    b.legend(fontsize=8)
+    b.set_title("time (measured, CPU, 1 thread)")
+    s, t = r["student"], r["teacher"]
+    sh = rows[0]["shapes"]
+    fig.suptitle(f"Whole TIP step vs ρ: Qwen3-shaped student h{s['hidden']} L{s['layers']} / teacher "
+                 f"h{t['hidden']} L{t['layers']}, V={r['vocab']:,}, {sh['rollouts']} x {sh['seq_len']} tokens",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out / "token_budget_cpu_measured.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_projection(r: dict, out: Path) -> Path:
+    rows = sorted(r["projection"], key=lambda x: -x["rho"])
+    x = [row["rho"] for row in rows]
+    gib = 2**30
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for phase, color in PHASE_COLORS.items():
+        a.plot(x, [row["totals"][phase] / gib for row in rows], marker="o", color=color, lw=1, label=f"{phase} phase")
+    a.plot(x, [row["step_peak"] / gib for row in rows], marker="s", color="k", lw=2.5, label="whole step (planner)")
+    a.plot(list(PAPER_QWEN3_PEAK_GB), [v * 1e9 / gib for v in PAPER_QWEN3_PEAK_GB.values()], ls="--",
+           marker="D", color="tab:orange", label="paper, end to end (8 x H200, its code)")
+    a.set_xscale("log")
+    a.set_xticks(x, [f"{v:g}" for v in x])
+    a.set_xlabel("keep ratio ρ")
+    a.set_ylabel("per-GPU memory (GiB)")
+    a.set_ylim(bottom=0)
+    a.legend(fontsize=8)
+    a.set_title("memory (planner)")
+    bottom = [0.0] * len(rows)
+    for key in rows[0]["time_s"]:
+        vals = [row["time_s"][key] for row in rows]
+        b.bar([f"{v:g}" for v in x], vals, bottom=bottom, label=key)
+        bottom = [u + v for u, v in zip(bottom, vals)]
+    b.set_xlabel("keep ratio ρ")
+    b.set_ylabel("estimated seconds per step")
+    b.legend(fontsize=8)
+    b.set_title("time (planner)")
+    fig.suptitle("Qwen3-8B -> Qwen3-4B, 8 x H100 80 GB, proposed memory settings (planner projection)", fontsize=10)
+    fig.tight_layout()
+    path = out / "token_budget_qwen3_8b_4b_h100.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    r = json.loads(Path(args.json).read_text())
+    out = Path(args.out) if args.out else Path(args.json).parent
+    out.mkdir(parents=True, exist_ok=True)
+    for p in (plot_measured(r, out), plot_projection(r, out)):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
