@@ -3,11 +3,11 @@
 A Qwen3-shaped pair scaled to this CPU, with the full Qwen vocabulary (V=151,936), so the output
 layer and the logits dominate as at real proportions they do not (see docs/planner.md). Each ρ
 runs in its own forked process the trainer's real ``train_step``: rollout (megatron engine),
-scoring, selection, gradient pass, optimizer step. Step 0 warms up (Adam state, megatron
-buffers); step 1 is measured under ``PeakMemory`` (resident storages + per-phase peaks of new
-ones; the dispatch hook slows ops, so no timing there); steps 2.. are timed (best of --repeats) in
-CPU seconds of the process per phase (1 torch thread: robust to other jobs on a shared machine;
-the trainer's wall clocks are kept in the JSON too). The planner then predicts the same CPU steps, and
+scoring, selection, gradient pass, optimizer step. Step 0 allocates what persists (Adam state,
+megatron buffers) and is timed in CPU seconds of the process per phase (1 torch thread: robust to other
+jobs on a shared machine; the trainer's wall clocks are kept in the JSON too); step 1 is
+measured under ``PeakMemory`` (resident storages + per-phase peaks of new ones; its dispatch
+hook slows ops, so it is not timed). The planner then predicts the same CPU steps, and
 projects the curve for Qwen3-8B -> Qwen3-4B on 8 x H100 (examples/configs/qwen3_8b_to_4b.yaml with
 the proposed memory settings).
 
@@ -81,23 +81,21 @@ def _measure(rank, world, args, root: Path, rho: float) -> dict:
 
     for name in PHASES:
         wrap(name)
-    trainer.train_step(0)  # warm-up
+    # Step 0 is timed: its one-off costs (Adam state, megatron's buffers) are the same at every rho
+    # and small next to a step; step 1 is measured for memory, with everything already allocated.
+    cpu.clear()
+    c0 = time.process_time()
+    m = trainer.train_step(0)
+    cpu["step"] = time.process_time() - c0
+    wall = {k: m[f"time_{k}_s"] for k in ("rollout", "score", "select", "train", "sync")}
+    cpu_s = dict(cpu)
     with PeakMemory() as mem:
         metrics = trainer.train_step(1)
         marks["metrics"] = mem.mark()
     resident = mem.resident
     mem = None
-    walls, cpus = [], []
-    for step in range(2, 2 + args.repeats):
-        cpu.clear()
-        c0 = time.process_time()
-        m = trainer.train_step(step)
-        cpu["step"] = time.process_time() - c0
-        walls.append({k: m[f"time_{k}_s"] for k in ("rollout", "score", "select", "train", "sync")})
-        cpus.append(dict(cpu))
-    best = min(range(len(cpus)), key=lambda i: cpus[i]["step"])
     return {"rho": rho, "n_kept": metrics["n_kept"], "resident": resident, "phase_peaks": marks,
-            "step_peak": resident + max(marks.values()), "wall_s": walls[best], "cpu_s": cpus[best],
+            "step_peak": resident + max(marks.values()), "wall_s": wall, "cpu_s": cpu_s,
             "shapes": shapes, "kept_ratio": metrics.get("kept_ratio")}
 
 
@@ -144,9 +142,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="1,0.5,0.2,0.1")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are the time measure)")
     args = ap.parse_args()
     from megatron_tip.launch import run_distributed
@@ -181,7 +178,7 @@ def _print(r: dict) -> None:
     print(f"\nmeasured on CPU: student {r['student']}, teacher {r['teacher']}, V={r['vocab']}; "
           f"{sh['rollouts']} rollouts x {sh['seq_len']} tokens ({sh['response_tokens']} response tokens)")
     print("memory: MiB of live tensors (resident + phase peak); time: CPU seconds of the step's process "
-          "(1 torch thread), best of the timed steps")
+          "(1 torch thread), step 0")
     print(f"{'rho':>5} {'kept':>6} {'step peak MiB':>14} {'vs 1':>6} {'planner MiB':>12} {'err':>6} "
           f"{'rollout':>8} {'scoring':>8} {'gradient':>9} {'optim':>7} {'step s':>7} {'vs 1':>6} "
           f"{'rollout s':>9} {'score s':>8} {'grad s':>7} {'optim s':>8}")

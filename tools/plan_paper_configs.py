@@ -34,10 +34,10 @@ def report(name: str, *, extra: list[str] = (), json_out: bool = False) -> tuple
     """(exit code, text) of ``python -m megatron_tip.plan`` on examples/configs/<name>.yaml + PROPOSED."""
     from megatron_tip.plan.__main__ import main
 
-    argv = ["--config", str(CONFIGS / f"{name}.yaml"), *(["--json"] if json_out else []),
+    argv = ["--config", f"examples/configs/{name}.yaml", *(["--json"] if json_out else []),
             *PROPOSED.get(name, []), *extra]
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(buf):  # the report names the config as given
         rc = main(argv)
     return rc, buf.getvalue()
 
