@@ -1,11 +1,11 @@
-"""Planner reports for the paper-pair configs, with the memory settings proposed for each.
+"""Planner reports for the paper-pair configs: as configured, and with the changes proposed beyond the YAML.
 
-    python tools/plan_paper_configs.py                 # print the four reports
-    python tools/plan_paper_configs.py --out docs/planner   # write <config>.txt there
+    python tools/plan_paper_configs.py                      # print the reports
+    python tools/plan_paper_configs.py --out docs/planner   # write <config>.txt (+ <config>.proposed.txt)
 
-``PROPOSED`` holds, per config, the overrides that are not in the YAML yet: the memory fields of
-issue #13 (read by the planner before the config defines them) and settings whose YAML value the
-planner argues against. Empty a row once the YAML carries its settings.
+The YAMLs carry the memory settings the planner argues for (distributed optimizer, a small
+scoring.stats_chunk_size). ``PROPOSED`` holds, per config, what the planner proposes beyond
+memory keys (a layout change); an empty list means the YAML is the proposal.
 """
 from __future__ import annotations
 
@@ -18,24 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
 
 PROPOSED: dict[str, list[str]] = {
-    # 73.5 GiB as is (6 GiB free, on an estimate not calibrated on a GPU): shard the fp32 main
-    # params and Adam state over DP=4 (-16.9 GiB) and cap the ops' fp32 chunk (-2.7 GiB).
-    "qwen3_8b_to_4b": ["optim.distributed_optimizer=true", "scoring.stats_chunk_size=256"],
-    "qwen3_8b_to_1p7b": ["optim.distributed_optimizer=true", "scoring.stats_chunk_size=256"],
-    "qwen25_14b_to_1p5b": ["optim.distributed_optimizer=true", "scoring.stats_chunk_size=256"],
-    # PP=2 fits but the megatron engine has no KV cache at PP>1 (~9 h of rollout per step):
-    # TP=8 x PP=1 on one node; sequence parallelism for headroom (needs Transformer Engine).
-    "llama33_70b_to_llama31_8b": ["parallel.pipeline_parallel=1", "parallel.sequence_parallel=true",
-                                  "scoring.stats_chunk_size=256"],
+    "qwen3_8b_to_4b": [],
+    "qwen3_8b_to_1p7b": [],
+    "qwen25_14b_to_1p5b": [],
+    # As configured (TP=8 x PP=2, two nodes) it fits, but the megatron engine has no KV cache at
+    # PP>1 (~9 h of rollout per step): TP=8 x PP=1 on one node, full recomputation for headroom.
+    "llama33_70b_to_llama31_8b": ["parallel.pipeline_parallel=1", "student.recompute_granularity=full"],
 }
 
 
-def report(name: str, *, extra: list[str] = (), json_out: bool = False) -> tuple[int, str]:
-    """(exit code, text) of ``python -m megatron_tip.plan`` on examples/configs/<name>.yaml + PROPOSED."""
+def report(name: str, *, proposed: bool = False, extra: list[str] = (), json_out: bool = False) -> tuple[int, str]:
+    """(exit code, text) of ``python -m megatron_tip.plan`` on examples/configs/<name>.yaml (+ PROPOSED)."""
     from megatron_tip.plan.__main__ import main
 
     argv = ["--config", f"examples/configs/{name}.yaml", *(["--json"] if json_out else []),
-            *PROPOSED.get(name, []), *extra]
+            *(PROPOSED.get(name, []) if proposed else []), *extra]
     buf = io.StringIO()
     with contextlib.chdir(REPO), contextlib.redirect_stdout(buf):  # the report names the config as given
         rc = main(argv)
@@ -47,16 +44,18 @@ def main() -> None:
     ap.add_argument("--out", help="folder for <config>.txt (default: print)")
     args = ap.parse_args()
     for name in PROPOSED:
-        rc, text = report(name)
-        if rc:
-            raise SystemExit(f"{name}: planner exit {rc}")
-        cmd = " ".join(["python -m megatron_tip.plan --config", f"examples/configs/{name}.yaml", *PROPOSED[name]])
-        text = f"$ {cmd}\n{text}"
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"{name}.txt").write_text(text)
-        else:
-            print(text)
+        for proposed in (False, True) if PROPOSED[name] else (False,):
+            rc, text = report(name, proposed=proposed)
+            if rc:
+                raise SystemExit(f"{name}: planner exit {rc}")
+            extra = PROPOSED[name] if proposed else []
+            cmd = " ".join(["python -m megatron_tip.plan --config", f"examples/configs/{name}.yaml", *extra])
+            text = f"$ {cmd}\n{text}"
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"{name}{'.proposed' if proposed else ''}.txt").write_text(text)
+            else:
+                print(text)
 
 
 if __name__ == "__main__":

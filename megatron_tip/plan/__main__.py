@@ -11,7 +11,7 @@ from megatron_tip.plan.devices import DEVICES
 def main(argv: list[str] | None = None) -> int:
     from megatron_tip.config import load_config
     from megatron_tip.plan import build_plan, format_plan, inputs_from_config
-    from megatron_tip.plan.inputs import Runtime, split_overrides
+    from megatron_tip.plan.inputs import split_overrides
     from megatron_tip.plan.memory import total_params
     from megatron_tip.plan.shapes import SHAPES
 
@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: config.json at the path, else the table entry the path names)")
     ap.add_argument("--student-shape", help="same as --shape student=NAME")
     ap.add_argument("--teacher-shape", help="same as --shape teacher=NAME")
-    ap.add_argument("--attention", default="flash", choices=["flash", "unfused"],
-                    help="flash: Transformer Engine layer spec; unfused: megatron's local spec")
+    ap.add_argument("--attention", default=None, choices=["flash", "unfused"],
+                    help="flash: Transformer Engine layer spec; unfused: megatron's local spec "
+                         "(default: from student.transformer_impl; auto plans Transformer Engine)")
     ap.add_argument("--no-fused-adam", action="store_true", help="torch AdamW instead of TE/apex FusedAdam")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--list-shapes", action="store_true")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, known)
         inp = inputs_from_config(cfg, gpu=args.gpu, nodes=args.nodes, student_shape=shapes["student"],
                                  teacher_shape=shapes["teacher"], planner=planner,
-                                 runtime=Runtime(attention=args.attention, fused_adam=not args.no_fused_adam))
+                                 attention=args.attention, fused_adam=not args.no_fused_adam)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -190,6 +190,13 @@ def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
     return s.spec(), f"shape table: {s.name} ({s.source} config.json; {path} is not here)"
 
 
+def _runtime(cfg: Any, dev: Optional[Device], attention: Optional[str], fused_adam: bool) -> Runtime:
+    if dev is None:
+        return CPU_RUNTIME
+    impl = _get(cfg, "student.transformer_impl", default="auto")
+    return Runtime(attention=attention or ("unfused" if impl == "local" else "flash"), fused_adam=fused_adam)
+
+
 def default_nodes(tp: int, pp: int, gpus_per_node: int) -> int:
     """Fewest nodes whose GPUs hold at least one whole tp x pp model replica."""
     return max(1, math.ceil(tp * pp / gpus_per_node))
@@ -199,8 +206,14 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
                        world_size: Optional[int] = None, student: Optional[ModelSpec] = None,
                        teacher: Optional[ModelSpec] = None, student_shape: Optional[str] = None,
                        teacher_shape: Optional[str] = None, planner: Optional[dict[str, str]] = None,
-                       runtime: Optional[Runtime] = None) -> PlanInputs:
-    """PlanInputs for the run ``cfg`` describes, on ``nodes`` x 8 ``gpu`` (or ``world_size`` ranks)."""
+                       runtime: Optional[Runtime] = None, attention: Optional[str] = None,
+                       fused_adam: bool = True) -> PlanInputs:
+    """PlanInputs for the run ``cfg`` describes, on ``nodes`` x 8 ``gpu`` (or ``world_size`` ranks).
+
+    ``runtime`` defaults to a GPU runtime whose attention follows ``student.transformer_impl``
+    (local: megatron's unfused attention; auto / transformer_engine: flash) unless ``attention``
+    names one; without a device, the CPU runtime.
+    """
     dev = lookup_device(gpu) if gpu else None
     tp, pp = int(cfg.parallel.tensor_parallel), int(cfg.parallel.pipeline_parallel)
     per_node = dev.gpus_per_node if dev else 8
@@ -237,5 +250,5 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
                       teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),
-                      workload=workload, runtime=runtime or (Runtime() if dev else CPU_RUNTIME),
+                      workload=workload, runtime=runtime or _runtime(cfg, dev, attention, fused_adam),
                       device=dev, student_source=s_src, teacher_source=t_src)

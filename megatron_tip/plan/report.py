@@ -17,11 +17,16 @@ def _notes(inp: PlanInputs) -> list[str]:
     if w.rollout_engine == "megatron" and lay.pp > 1:
         notes.append("rollout.engine=megatron with PP>1 has no KV cache: every new token re-runs the whole "
                      "prefix (quadratic in the response length); use PP=1 (more TP) or the vLLM engine")
+    if rt.attention == "flash" and rt.kind == "gpu":
+        notes.append("planned with Transformer Engine layers (flash attention; `pip install -e .[te]`): without "
+                     "TE, transformer_impl=auto builds megatron's local spec, which keeps [b, heads, S, S] "
+                     "attention scores per layer (plan that with --attention unfused)")
     if rt.attention == "unfused" and rt.kind == "gpu":
         notes.append("attention without Transformer Engine keeps [b, heads, S, S] scores per layer")
     if st.sequence_parallel:
-        notes.append("sequence parallelism: hidden states entering the output layer are sequence-sharded; "
-                     "the kept teacher hidden states are planned unsharded [S, b, H] per rank")
+        notes.append("parallel.sequence_parallel is refused by the trainer today (the kept-position output layer "
+                     "needs full-sequence hidden states); planned as megatron would run it, with the kept "
+                     "teacher hidden states unsharded [S, b, H] per rank")
     if st.sequence_parallel and rt.attention != "flash":
         notes.append("parallel.sequence_parallel needs the Transformer Engine layer spec (megatron's torch "
                      "norms refuse it)")
