@@ -131,8 +131,7 @@ def _project_gpu(rhos: list[float]) -> list[dict]:
         plan = build_plan(inputs_from_config(cfg, gpu="h100-80gb", planner=planner))
         st = plan["stages"][0]
         out.append({"rho": rho, "step_peak": plan["peak_bytes"], "peak_phase": plan["peak_phase"],
-                    "totals": st["totals"], "time_s": plan["time_s"],
-                    "loss_path": st["phases"]["gradient"].get("logits at kept positions + loss", 0)})
+                    "totals": st["totals"], "time_s": plan["time_s"], "gradient_phase": st["phases"]["gradient"]})
     return out
 
 
@@ -145,7 +144,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are the time measure)")
+    ap.add_argument("--from-json", default="", help="print an earlier run's results (projection recomputed)")
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["projection"] = _project_gpu([x["rho"] for x in result["measured"]])
+        _print(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     from megatron_tip.launch import run_distributed
     from megatron_tip.testing.tiny_models import make_tiny_hf_model
 
@@ -194,12 +201,12 @@ def _print(r: dict) -> None:
               f"{x['cpu_s']['scoring']:>8.1f} {x['cpu_s']['gradient']:>7.1f} {x['cpu_s']['optimizer']:>8.1f}")
     pb = r["projection"][0]
     print("\nplanner projection, Qwen3-8B -> Qwen3-4B, 8 x H100 (proposed settings):")
-    print(f"{'rho':>5} {'step peak GiB':>14} {'vs 1':>6} {'phase':>9} {'loss path GiB':>14} {'step s':>7} "
+    print(f"{'rho':>5} {'step peak GiB':>14} {'vs 1':>6} {'phase':>9} {'gradient phase GiB':>19} {'step s':>7} "
           f"{'vs 1':>6} {'grad pass s':>11}")
     for x in r["projection"]:
         t, t0 = sum(x["time_s"].values()), sum(pb["time_s"].values())
         print(f"{x['rho']:>5g} {x['step_peak'] / gib:>14.2f} {x['step_peak'] / pb['step_peak']:>6.2f} "
-              f"{x['peak_phase']:>9} {x['loss_path'] / gib:>14.2f} {t:>7.0f} {t / t0:>6.3f} "
+              f"{x['peak_phase']:>9} {x['totals']['gradient'] / gib:>19.2f} {t:>7.0f} {t / t0:>6.3f} "
               f"{x['time_s']['gradient pass + optimizer']:>11.1f}")
 
 

@@ -28,10 +28,11 @@ def plot_measured(r: dict, out: Path) -> Path:
     x = [row["rho"] for row in rows]
     mib = 2**20
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(x, [row["step_peak"] / mib for row in rows], marker="s", ms=9, color="k", lw=4, alpha=0.35,
+           label="whole step (max)")
     for phase, color in PHASE_COLORS.items():
         a.plot(x, [(row["resident"] + row["phase_peaks"].get(phase, 0)) / mib for row in rows], marker="o",
                color=color, lw=1, label=f"{phase} phase")
-    a.plot(x, [row["step_peak"] / mib for row in rows], marker="s", color="k", lw=2.5, label="whole step (max)")
     a.plot(x, [row["predicted"]["step_peak"] / mib for row in rows], ls="none", marker="x", ms=10, color="k",
            label="planner's prediction")
     a.set_xscale("log")
@@ -68,9 +69,10 @@ def plot_projection(r: dict, out: Path) -> Path:
     x = [row["rho"] for row in rows]
     gib = 2**30
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(x, [row["step_peak"] / gib for row in rows], marker="s", ms=9, color="k", lw=4, alpha=0.35,
+           label="whole step (planner)")
     for phase, color in PHASE_COLORS.items():
         a.plot(x, [row["totals"][phase] / gib for row in rows], marker="o", color=color, lw=1, label=f"{phase} phase")
-    a.plot(x, [row["step_peak"] / gib for row in rows], marker="s", color="k", lw=2.5, label="whole step (planner)")
     a.plot(list(PAPER_QWEN3_PEAK_GB), [v * 1e9 / gib for v in PAPER_QWEN3_PEAK_GB.values()], ls="--",
            marker="D", color="tab:orange", label="paper, end to end (8 x H200, its code)")
     a.set_xscale("log")

@@ -179,13 +179,12 @@ def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
     if shape:
         s = shape_for(shape)
         return s.spec(), f"shape table: {s.name} ({s.source} config.json)"
-    p = Path(path) if path else None
-    if p is not None and ((p / "config.json").is_file() or (p / "model_spec.json").is_file()):
-        from megatron_tip.checkpoint import read_spec
-
-        return read_spec(path), f"{path}"
     if not path:
         raise ValueError("model path is empty: set student.path / teacher.path or pass a shape name")
+    from megatron_tip.checkpoint import is_hf_dir, is_megatron_checkpoint, read_spec
+
+    if Path(path).is_dir() and (is_hf_dir(path) or is_megatron_checkpoint(path)):
+        return read_spec(path), f"{path}"
     s = shape_for(path)
     return s.spec(), f"shape table: {s.name} ({s.source} config.json; {path} is not here)"
 
@@ -224,7 +223,7 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         raise ValueError(f"{world_size} GPUs are not divisible by tensor_parallel x pipeline_parallel "
                          f"= {tp} x {pp}")
     dp = world_size // (tp * pp)
-    layout = Layout(tp=tp, pp=pp, dp=dp, nodes=nodes or 1, gpus_per_node=per_node)
+    layout = Layout(tp=tp, pp=pp, dp=dp, nodes=nodes or math.ceil(world_size / per_node), gpus_per_node=per_node)
     prompts = int(cfg.train.prompts_per_step)
     if prompts % dp:
         raise ValueError(f"train.prompts_per_step={prompts} is not divisible by the data-parallel size {dp}")
