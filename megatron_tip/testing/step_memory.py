@@ -19,7 +19,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / "examples" / "toy" / "models" / "tokenizer"
-PROMPTS = REPO / "examples" / "toy" / "data" / "train.jsonl"
 V_QWEN = 151_936
 
 
@@ -53,7 +52,10 @@ class Case:
 
 
 def make_models(case: Case, root: Path) -> tuple[Path, Path]:
-    from megatron_tip.testing.tiny_models import make_tiny_hf_model
+    """Random teacher and student HF dirs under ``root`` (and a one-line prompt file for ``build``)."""
+    from megatron_tip.testing.tiny_models import make_tiny_hf_model, write_prompts
+
+    write_prompts(root / "prompts.jsonl", [{"problem": "1+1", "answer": "2"}])  # rollouts are synthetic
 
     dirs = []
     for role, seed in (("teacher", 1), ("student", 2)):
@@ -68,11 +70,13 @@ def make_models(case: Case, root: Path) -> tuple[Path, Path]:
 def overrides(case: Case, root: Path) -> list[str]:
     policy = ["selection.policy=all"] if case.keep_ratio >= 1 else [
         "selection.policy=topk", f"selection.keep_ratio={case.keep_ratio}", "selection.scope=per_sequence"]
-    return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}", f"data.prompts={PROMPTS}",
+    return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
+            f"data.prompts={root / 'prompts.jsonl'}", "data.prompt_format='{problem}'",
+            f"data.max_prompt_len={case.prompt_len}",
             f"parallel.tensor_parallel={case.tp}", f"parallel.pipeline_parallel={case.pp}",
             f"scoring.vocab_size={case.vocab}", f"train.micro_batch_size={case.micro_batch}",
             f"train.prompts_per_step={case.rollouts}", "rollout.samples_per_prompt=1",
-            f"rollout.max_new_tokens={case.response_len}", "data.max_prompt_len=512",
+            f"rollout.max_new_tokens={case.response_len}",
             f"scoring.score_chunk_tokens={case.score_chunk_tokens}", "log.tensorboard=false",
             f"run.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy] + (
             [f"scoring.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else [])
