@@ -92,9 +92,14 @@ def _persistent(inp: PlanInputs, stage: int) -> dict[str, int]:
         "student fp32 main params": (n_s * 4 // shard) if inp.student_dtype != "float32" else 0,
         "student Adam state": n_s * 8 // shard,
     }
+    w = inp.workload
     if rt.reserve_bytes:
         out["CUDA context / NCCL / cuBLAS"] = rt.reserve_bytes
-    w = inp.workload
+    if rt.kind == "gpu":  # p2p send/recv tensors between stages; the SP all-gather buffer
+        tokens = w.micro_batch * w.seq_len * DTYPE_BYTES[inp.student_dtype]
+        h = max(inp.student.hidden_size, inp.teacher.hidden_size)
+        out["communication buffers (PP p2p, SP gather)"] = (2 * tokens * h if lay.pp > 1 else 0) \
+            + (tokens * h if st.sequence_parallel else 0)
     if rt.attention == "unfused":  # megatron keeps its Q K^T buffer at the largest size used
         heads = max(inp.student.num_attention_heads, inp.teacher.num_attention_heads)
         spec_like = inp.student if inp.student.num_attention_heads == heads else inp.teacher
