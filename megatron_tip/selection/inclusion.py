@@ -93,6 +93,7 @@ def inclusion_probabilities(weights: torch.Tensor, valid: torch.Tensor, k: torch
     w = weights.detach().double()
     k = k.to(valid.device).long()
     pos = valid & (w > 0)
+    w = torch.where(pos, w, torch.zeros_like(w))  # padding may hold NaN; 0 · NaN would leak into the DP
     n_pos, n_valid = pos.sum(1), valid.sum(1)
     pi = torch.zeros_like(w)
     # k reaches the positive weights: those are all kept, the zero weights share the rest uniformly
