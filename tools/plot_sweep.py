@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import matplotlib
@@ -148,11 +149,17 @@ def by_student(rows: list[dict]) -> dict[str, list[dict]]:
     return {k: grid_order(v) for k, v in out.items()}
 
 
+def _p1(x: float) -> str:
+    """100·x to one decimal, halves rounded up: seed means of k/200 accuracies end in .x25 / .x75,
+    which float formatting rounds either way depending on representation error."""
+    return str(Decimal(repr(round(100 * x, 9))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
 def _pct(r: dict, key: str) -> str:
     """Seed-mean accuracy in %, with each seed's value when there are several."""
     seeds = r[f"{key}_seeds"]
-    each = f" ({' / '.join(f'{100 * v:.1f}' for v in seeds)})" if len(seeds) > 1 else ""
-    return f"{100 * r[key]:.1f}{each}"
+    each = f" ({' / '.join(_p1(v) for v in seeds)})" if len(seeds) > 1 else ""
+    return f"{_p1(r[key])}{each}"
 
 
 def _num(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
@@ -173,12 +180,12 @@ def markdown_table(groups: dict[str, list[dict]]) -> str:
     lines = [head]
     for student, rs in groups.items():
         seeds = ", ".join(str(x) for x in rs[0]["seeds"])
-        lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {100 * rs[0]['acc_before']:.1f} | "
-                     f"{100 * rs[0]['greedy_before']:.1f} | – | – | – | – | – | – |")
+        lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {_p1(rs[0]['acc_before'])} | "
+                     f"{_p1(rs[0]['greedy_before'])} | – | – | – | – | – | – |")
         for r in rs:
             lines.append(f"| {student} | {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
                          f"{_pct(r, 'acc_after')} | {_pct(r, 'greedy_after')} | "
-                         f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | {_num(r, 'q3_lift', '.2f')} | "
+                         f"{_p1(r['frac_q3'])}% / {_p1(r['kept_frac_q3'])}% | {_num(r, 'q3_lift', '.2f')} | "
                          f"{_num(r, 'frac_q3_fkl', '.1f', 100)} / {_num(r, 'kept_frac_q3_fkl', '.1f', 100)} | "
                          f"{_num(r, 'dhat_median', '.2g')} | {r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
