@@ -42,6 +42,6 @@ def kept_reverse_kl_loss(
             raise ValueError(f"weights has shape {tuple(weights.shape)}, expected {tuple(per_token.shape)}")
         per_token = per_token * weights.detach().to(per_token.dtype)
     loss_sum = per_token.sum()
-    n = torch.tensor(per_token.numel(), dtype=torch.int)
+    n = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
     report = {"kept_rkl": torch.stack([loss_sum.detach(), n.float()])}
     return loss_sum, n, report
