@@ -55,6 +55,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel)
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                              f"train.steps={self.train.steps}")

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = init_parallel(cfg.parallel.tensor_parallel, pp=cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
     out = cfg.run.out_dir
+    parts = None
     try:
         parts = build(cfg, ctx)
         checkpoint = dict(model=parts.student.module, optimizer=parts.optimizer, scheduler=parts.scheduler,
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         trainer = Trainer(cfg, ctx, parts)
+        if start:
+            trainer.sync_weights()  # the rollout engine started from student.path, not the resumed weights
         logger = MetricsLogger(out, enabled=ctx.rank == 0, total_steps=cfg.train.steps,
                                start_step=start, tensorboard=cfg.log.tensorboard)
         evals: dict = {}
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(summary))
         return {**last, **{f"{k}_{m}": v for k, d in evals.items() for m, v in d.items()}}
     finally:
+        if parts is not None and hasattr(parts.engine, "close"):
+            parts.engine.close()  # before destroy_parallel: vLLM tears down its groups first
         if dist.is_initialized():
             destroy_parallel()
 
