@@ -25,8 +25,9 @@ from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.rollout.packing import PackedBatch, microbatches, pack_rollouts
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
+from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
 from megatron_tip.selection import SelectionResult, select_tokens
-from megatron_tip.validation import at_least
+from megatron_tip.validation import at_least, in_range
 
 if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
     from megatron_tip.build import Built
@@ -42,11 +43,13 @@ class TrainConfig:
     prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
     micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes
     seed: int = 1234
+    max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
 
     def __post_init__(self) -> None:
         at_least("steps", self.steps, 1)
         at_least("prompts_per_step", self.prompts_per_step, 1)
         at_least("micro_batch_size", self.micro_batch_size, 1)
+        in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
 class Trainer:
@@ -61,7 +64,7 @@ class Trainer:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
         self.release_engine()
-        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id)
+        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
         scored = self.score(packed)
         t2 = time.perf_counter()
@@ -101,7 +104,7 @@ class Trainer:
         per_rank = cfg.train.prompts_per_step // ctx.dp
         prompts = self.p.dataset.batch(step, size=cfg.train.prompts_per_step)
         mine = prompts[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
-        params = cfg.rollout.sampling(seed=cfg.train.seed * 1_000_003 + step * 7919 + ctx.dp_rank,
+        params = cfg.rollout.sampling(seed=derive_seed(cfg.train.seed, ROLLOUT, step, ctx.dp_rank),
                                       stop_token_ids=self.p.stop_ids)
         return mine, self.p.engine.generate([p.ids for p in mine], params)
 
@@ -192,7 +195,7 @@ class Trainer:
         """Accuracy of the student on up to ``limit`` held-out prompts (graded, DP-sharded)."""
         params = SamplingParams(n=samples, temperature=temperature, top_p=1.0,
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                seed=self.cfg.train.seed + 99_991, stop_token_ids=self.p.stop_ids)
+                                seed=derive_seed(self.cfg.train.seed, HELD_OUT), stop_token_ids=self.p.stop_ids)
         return heldout_accuracy(self.p.engine, dataset.prompts[:limit], params, tokenizer=self.p.tokenizer,
                                 ctx=self.ctx)
 

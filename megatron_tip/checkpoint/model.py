@@ -19,6 +19,7 @@ from megatron_tip.checkpoint.layout import (
     FORMAT, HF_DIR, META_FILE, MODEL_DIR, SPEC_FILE, check_output_dir, commit_dir, copy_hf_aux_files,
     is_hf_dir, read_checkpoint_info, temp_dir_for,
 )
+from megatron_tip.checkpoint.safe_load import verify_dist_checkpoint
 from megatron_tip.models.spec import ModelSpec
 
 
@@ -84,7 +85,7 @@ def _vocab_fixups(sharded: dict, ckpt_model_dir: str) -> dict[str, Any]:
         meta = saved.get(sh.key)
         if meta is None or tuple(meta.global_shape) == tuple(sh.global_shape):
             continue
-        full = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype)
+        full = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype, device="cpu")  # whole tensor, on the host
         # Every TP rank now reads the whole tensor: only the first vocab shard's main replica may
         # stay the main replica, or dist_checkpointing rejects the access pattern.
         frag = sh.global_offset[0] // max(sh.data.shape[0], 1)
@@ -105,6 +106,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
     spec, meta = read_checkpoint_info(ckpt_dir)
     vocab = vocab_size or spec.vocab_size
     model_dir = str(Path(ckpt_dir) / MODEL_DIR)
+    verify_dist_checkpoint(model_dir)  # megatron/torch read these pickles unrestricted
     sharded = model.sharded_state_dict()
     fixups = _vocab_fixups(sharded, model_dir)
     state = dist_checkpointing.load(sharded, model_dir)

@@ -13,7 +13,7 @@ __all__ = ["ENGINES", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingPara
 
 
 def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:
-    """What ``build_engine`` would refuse, checked before any model loads (ValueError / ImportError).
+    """What ``build_engine`` would refuse, checked before any model loads (ValueError naming the key).
 
     vllm: installed, PP=1 with TP groups of consecutive ranks, sleep mode only on CUDA.
     """
@@ -25,8 +25,8 @@ def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:
     from megatron_tip.rollout.vllm_engine import check_sleep_supported
 
     if importlib.util.find_spec("vllm") is None:
-        raise ImportError("rollout.engine=vllm needs vLLM: `pip install -e .[vllm]` on GPU, "
-                          "`pip install -r requirements/cpu-vllm.txt -e .` on CPU (README)")
+        raise ValueError("rollout.engine=vllm needs vLLM installed: `pip install -e .[vllm]` on GPU, "
+                         "`pip install -r requirements/cpu-vllm.txt -e .` on CPU (README)")
     check_layout(ctx)
     check_sleep_supported(cfg.vllm_sleep_level)
 

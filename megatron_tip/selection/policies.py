@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.seeding import derive_seed
 from megatron_tip.selection.config import SelectionConfig
 from megatron_tip.selection.scores import batch_stats, classify, normalize, q3_score, soft_or
 from megatron_tip.selection.topk import Comm, distributed_topk_mask, ordered_key
 
-_MASK64 = (1 << 64) - 1
 _ZERO_TIER = -1e200  # Efraimidis–Spirakis keys of h > 0 are >= -3e46: zero weights sort after
 
 
@@ -37,33 +37,19 @@ class SelectionResult:
     metrics: dict[str, float] = field(default_factory=dict)  # global batch, same on all ranks
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def rollout_seed(seed: int, step: int, rollout: int) -> int:
-    """Well-mixed 63-bit seed for one rollout at one step (nearby inputs → unrelated streams)."""
-    h = 0
-    for v in (seed, step, rollout):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h >> 1
-
-
 def per_rollout_uniform(valid: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """float64 [B, S]: U(0, 1] at valid positions (m draws per row, in position order), 1 elsewhere.
 
-    Drawing exactly m values per row keeps a rollout's stream independent of padding width.
+    Drawing exactly m values per row keeps a rollout's stream independent of padding width. The
+    draws happen on the host (CPU generators: the same numbers on every device), then move once.
     """
-    u = torch.ones(valid.shape, dtype=torch.float64)
+    u = torch.ones(valid.shape, dtype=torch.float64, device="cpu")
     vcpu = valid.cpu()
     for b, s in enumerate(seeds):
         m = int(vcpu[b].sum())
         if m:
-            g = torch.Generator().manual_seed(s)
-            u[b, vcpu[b]] = 1.0 - torch.rand(m, generator=g, dtype=torch.float64)  # (0, 1]: log is finite
+            g = torch.Generator(device="cpu").manual_seed(s)
+            u[b, vcpu[b]] = 1.0 - torch.rand(m, generator=g, dtype=torch.float64, device="cpu")  # (0, 1]
     return u.to(valid.device)
 
 
@@ -135,7 +121,7 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
     h_hat, d_hat = normalize(h, d, valid, st, normalization=config.normalization, group=group)
 
     pol, rho = config.policy, config.keep_ratio
-    seeds = [rollout_seed(config.seed, step, row0 + b) for b in range(B)]
+    seeds = [derive_seed(config.seed, step, row0 + b) for b in range(B)]
     zero = torch.zeros_like(h)
     if pol in ("all", "quadrants"):
         score = soft_or(h_hat, d_hat)
@@ -156,7 +142,7 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
             k_row = budget(valid.sum(1), rho, config.min_keep_per_sequence)
             mask = per_row_topk_mask(rank_key, valid, k_row)
         else:
-            k = int(budget(torch.tensor(n), rho))
+            k = int(budget(torch.tensor(n, device="cpu"), rho))  # a host-side count
             mask = distributed_topk_mask(rank_key.reshape(-1), valid.reshape(-1), k,
                                          group=group).view_as(valid)
     score = torch.where(valid, score.float(), zero)

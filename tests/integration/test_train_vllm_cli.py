@@ -12,7 +12,7 @@ import pytest
 
 from megatron_tip.launch import free_port
 from tests.helpers.paths import REPO
-from tests.helpers.vllm_cases import no_leaked_shm, require_vllm, shm_segments  # noqa: F401 - fixture
+from tests.helpers.vllm_cases import require_vllm, shm_segments
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 require_vllm()

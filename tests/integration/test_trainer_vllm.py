@@ -11,7 +11,7 @@ import torch
 
 from megatron_tip.launch import run_distributed
 from tests.helpers.trainer_cases import PROMPTS, REPO
-from tests.helpers.vllm_cases import no_leaked_shm, require_vllm, shm_segments  # noqa: F401 - fixture
+from tests.helpers.vllm_cases import require_vllm, shm_segments
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1500)]
 vllm = require_vllm()
