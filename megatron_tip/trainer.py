@@ -63,6 +63,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
+        self.release_engine()
         packed = pack_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
         scored = self.score(packed)
@@ -108,6 +109,13 @@ class Trainer:
         params = cfg.rollout.sampling(seed=derive_seed(cfg.train.seed, ROLLOUT, step, ctx.dp_rank),
                                       stop_token_ids=self.p.stop_ids)
         return mine, self.p.engine.generate([p.ids for p in mine], params)
+
+    def release_engine(self) -> None:
+        """vLLM sleep mode (rollout.vllm_sleep_level): free the engine's memory while megatron scores
+        and trains; ``sync_weights`` wakes it. Engines without sleep need nothing."""
+        sleep = getattr(self.p.engine, "sleep", None)
+        if sleep is not None:
+            sleep()
 
     # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
     def score(self, packed: PackedBatch) -> ScoredBatch:
@@ -216,6 +224,7 @@ class Trainer:
     def _skip(self, step: int, why: str) -> dict[str, float]:
         """Count a skipped step (every rank reaches this together) and say why once."""
         self.skipped_steps += 1
+        self.sync_weights()  # wakes a sleeping engine (the weights did not change)
         if self.ctx.rank == 0:
             print(f"step {step}: skipped ({why}); {self.skipped_steps} skipped so far", flush=True)
         return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
