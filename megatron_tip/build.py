@@ -18,7 +18,7 @@ from megatron_tip.models.builder import build_gpt_model
 from megatron_tip.models.config import ModelConfig
 from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.optim import build_optimizer
-from megatron_tip.rollout import build_engine
+from megatron_tip.rollout import build_engine, check_engine, stop_token_ids
 
 
 @dataclass
@@ -124,10 +124,11 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     check_memory_features(cfg, student=student_spec, ctx=ctx)
     vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
+    stop_ids = stop_token_ids(tokenizer)  # the evaluator stops on the same ids
     if cfg.rollout.engine == "vllm" and not is_hf_dir(cfg.student.path):
         raise ValueError("rollout.engine=vllm starts vLLM from the student's HF dir; student.path is a "
                          "megatron checkpoint (convert it with python -m megatron_tip.convert megatron-to-hf)")
+    check_engine(cfg.rollout, ctx=ctx)  # vLLM installed, layout, sleep mode: before any model loads
 
     # Both models shard the same padded vocab so their logits shards line up column by column.
     padded = padded_vocab(max(student_spec.vocab_size, teacher_spec.vocab_size), tp=ctx.tp)

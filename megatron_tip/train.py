@@ -8,6 +8,7 @@ checkpoint (continue with run.resume=auto).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -58,7 +59,8 @@ def run(cfg: RunConfig) -> dict:
     stop = StopRequest(rank=int(os.environ.get("RANK", "0")))
     ctx = init_parallel(cfg.parallel.tensor_parallel, pp=cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
     try:
-        return _train(cfg, ctx, stop)
+        with contextlib.ExitStack() as cleanup:  # closes the rollout engine before the groups go
+            return _train(cfg, ctx, stop, cleanup)
     finally:
         stop.restore()
         if dist.is_initialized():
@@ -81,10 +83,12 @@ def _claim_run_dir(cfg: RunConfig, ctx: ParallelContext) -> tuple[dict, bool]:
     return box[0]
 
 
-def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest) -> dict:
+def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest, cleanup: contextlib.ExitStack) -> dict:
     out = Path(cfg.run.out_dir)
     record, resuming = _claim_run_dir(cfg, ctx)
     parts = build(cfg, ctx)
+    if hasattr(parts.engine, "close"):  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
+        cleanup.callback(parts.engine.close)
     checkpoint = dict(model=parts.student.module, optimizer=parts.optimizer, scheduler=parts.scheduler,
                       spec=parts.student_spec, ctx=ctx)
     start = resume_training(str(out), **checkpoint) if resuming else 0
@@ -95,6 +99,8 @@ def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest) -> dict:
     if ctx.rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer = Trainer(cfg, ctx, parts)
+    if start:
+        trainer.sync_weights()  # the rollout engine started from student.path, not the resumed weights
     logger = MetricsLogger(str(out), enabled=ctx.rank == 0, total_steps=cfg.train.steps, start_step=start,
                            tensorboard=cfg.log.tensorboard)
     evals: dict = dict(previous.get("eval", {}))  # a resumed run keeps its "before" evaluation

@@ -63,6 +63,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
+        self.release_engine()
         packed = pack_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
         scored = self.score(packed)
@@ -74,14 +75,16 @@ class Trainer:
             return self._skip(step, "no token selected")
         t3 = time.perf_counter()
         lr = self.p.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        self.gradient_pass(scored, sel.mask if sel is not None else None)
+        self.gradient_pass(scored, sel.mask if sel is not None else None,
+                           weights=sel.weights if sel is not None else None)
         ok, grad_norm = self.optimizer_step()
         t4 = time.perf_counter()
         self.sync_weights()
         t5 = time.perf_counter()
 
         metrics.update(self._rollout_metrics(prompts, rollouts, packed))
-        metrics.update(self._loss_from_stats(scored, sel.mask if sel is not None else None))
+        metrics.update(self._loss_from_stats(scored, sel.mask if sel is not None else None,
+                                             weights=sel.weights if sel is not None else None))
         n_tokens = float(packed.valid.sum())
         metrics.update({
             "step": step, "lr": lr,
@@ -106,6 +109,13 @@ class Trainer:
         params = cfg.rollout.sampling(seed=derive_seed(cfg.train.seed, ROLLOUT, step, ctx.dp_rank),
                                       stop_token_ids=self.p.stop_ids)
         return mine, self.p.engine.generate([p.ids for p in mine], params)
+
+    def release_engine(self) -> None:
+        """vLLM sleep mode (rollout.vllm_sleep_level): free the engine's memory while megatron scores
+        and trains; ``sync_weights`` wakes it. Engines without sleep need nothing."""
+        sleep = getattr(self.p.engine, "sleep", None)
+        if sleep is not None:
+            sleep()
 
     # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
     def score(self, packed: PackedBatch) -> ScoredBatch:
@@ -139,8 +149,9 @@ class Trainer:
         return sel, self._from_last_stage(metrics)  # every rank logs the same selection metrics
 
     # ---- 4. gradient pass on kept positions ----------------------------------------------------------
-    def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> None:
-        """Backward of Σ KL(kept) / |kept|_global into the student's gradient buffers."""
+    def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor],
+                      weights: Optional[torch.Tensor] = None) -> None:
+        """Backward of Σ w·KL(kept) / |kept|_global into the student's gradient buffers (w = 1 without weights)."""
         p, ctx = self.p, self.ctx
         index_of = []
         for mb in scored.microbatches:
@@ -162,8 +173,9 @@ class Trainer:
             t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
             with torch.no_grad():
                 t_logits = output_logits(p.teacher, t_hidden)
+            w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
             return kept_reverse_kl_loss(logits[0], t_logits, tp_group=ctx.tp_group, vocab_size=p.vocab_size,
-                                        chunk_size=self.cfg.scoring.stats_chunk_size)
+                                        chunk_size=self.cfg.scoring.stats_chunk_size, weights=w)
 
         p.student.train()
         p.student.zero_grad_buffer()
@@ -212,19 +224,22 @@ class Trainer:
     def _skip(self, step: int, why: str) -> dict[str, float]:
         """Count a skipped step (every rank reaches this together) and say why once."""
         self.skipped_steps += 1
+        self.sync_weights()  # wakes a sleeping engine (the weights did not change)
         if self.ctx.rank == 0:
             print(f"step {step}: skipped ({why}); {self.skipped_steps} skipped so far", flush=True)
         return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
 
-    def _loss_from_stats(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> dict[str, float]:
-        """Loss value (global mean reverse KL over kept tokens), from the scoring pass's exact KLs.
+    def _loss_from_stats(self, scored: ScoredBatch, mask: Optional[torch.Tensor],
+                         weights: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """Loss value (Σ w·KL over kept tokens / global kept count), from the scoring pass's exact KLs.
 
         The gradient pass computes the same quantity at the same weights; taking it from the
         stats keeps the logging path independent of the pipeline schedule's return values.
         """
         sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         if scored.stats is not None and mask is not None:
-            sums[0] = scored.stats["reverse_kl"][mask].double().sum()
+            kl = scored.stats["reverse_kl"] if weights is None else scored.stats["reverse_kl"] * weights
+            sums[0] = kl[mask].double().sum()
             sums[1] = mask.sum()
             dist.all_reduce(sums, group=self.ctx.dp_group)
         dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # share the last stage's value with all ranks

@@ -6,8 +6,10 @@
 #   sbatch slurm/train_qwen3.sh rollout.engine=vllm     # vLLM rollouts, one engine per rank (PP=1)
 #
 # Environment (override with `sbatch --export=ALL,STUDENT=...`):
-#   STUDENT, TEACHER   HF or megatron checkpoint dirs   (default /checkpoints/Qwen3-{4B,8B})
-#   PROMPTS            JSONL of {problem, answer}        (default /data/dapo_math_17k.jsonl)
+#   STUDENT, TEACHER   HF or megatron checkpoint dirs   (default /checkpoints/Qwen3-{4B,8B}; the
+#                      paper's teacher is a GRPO-trained Qwen3-8B)
+#   PROMPTS            JSONL of {problem, answer}        (default /data/dapo_math_17k.jsonl;
+#                      make it with python -m megatron_tip.data.prepare dapo --in <parquet> --out <jsonl>)
 #   CONFIG             run config                        (default examples/configs/qwen3_8b_to_4b.yaml)
 #   RUN_ROOT           where runs, logs and checkpoints go (default $PWD/runs)
 #   VENV               virtualenv to activate (optional; install with pip install -e .[vllm,te])

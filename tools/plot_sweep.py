@@ -2,16 +2,18 @@
 
 - accuracy_vs_keep_ratio.png: held-out accuracy per policy vs ρ, with all-token OPD and the
   untrained student as reference lines
-(Memory and time vs ρ: tools/bench_token_budget.py + tools/plot_token_budget.py. On the toy the
-output layer is ~1% of the work, so the sweep's peak RSS and tokens/s show only noise.)
 - entropy_divergence_hist.png: 2-D histogram of (h, reverse KL) over one step's tokens, the
   quadrant boundaries, and which tokens a policy kept
+
+Memory and time vs ρ: tools/bench_token_budget.py + tools/plot_token_budget.py (on the toy the
+output layer is ~1% of the work, so the sweep's peak RSS and tokens/s show only noise).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +32,9 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"{path} has no rows")
     for r in rows:
         for k, v in r.items():
+            if v == "" and k in METRICS:  # a column an older sweep did not record
+                r[k] = float("nan")
+                continue
             try:
                 r[k] = float(v)
             except (TypeError, ValueError):
@@ -38,7 +43,10 @@ def read_rows(path: Path) -> list[dict]:
 
 
 METRICS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "mean_kept_tokens", "frac_q3",
-           "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s")
+           "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s",
+           # issue #18 columns (NaN in sweeps made before them)
+           "kept_frac_q1", "kept_frac_q2", "kept_frac_q4", "frac_q3_fkl", "kept_frac_q3_fkl", "hhat_median",
+           "dhat_median", "q3_lift")
 
 
 def mean_over_seeds(rows: list[dict]) -> list[dict]:
@@ -50,7 +58,7 @@ def mean_over_seeds(rows: list[dict]) -> list[dict]:
     out = []
     for rs in groups.values():
         rs = sorted(rs, key=lambda r: r["seed"])
-        row = {**rs[0], **{k: sum(r[k] for r in rs) / len(rs) for k in METRICS}}
+        row = {**rs[0], **{k: sum(r[k] for r in rs) / len(rs) for k in METRICS if k in rs[0]}}
         row["seeds"] = [int(r["seed"]) for r in rs]
         row["acc_after_seeds"] = [r["acc_after"] for r in rs]
         row["greedy_after_seeds"] = [r["greedy_after"] for r in rs]
@@ -129,28 +137,45 @@ def by_student(rows: list[dict]) -> dict[str, list[dict]]:
     return {k: grid_order(v) for k, v in out.items()}
 
 
+def _p1(x: float) -> str:
+    """100·x to one decimal, halves rounded up: seed means of k/200 accuracies end in .x25 / .x75,
+    which float formatting rounds either way depending on representation error."""
+    return str(Decimal(repr(round(100 * x, 9))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
 def _pct(r: dict, key: str) -> str:
     """Seed-mean accuracy in %, with each seed's value when there are several."""
     seeds = r[f"{key}_seeds"]
-    each = f" ({' / '.join(f'{100 * v:.1f}' for v in seeds)})" if len(seeds) > 1 else ""
-    return f"{100 * r[key]:.1f}{each}"
+    each = f" ({' / '.join(_p1(v) for v in seeds)})" if len(seeds) > 1 else ""
+    return f"{_p1(r[key])}{each}"
+
+
+def _num(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """A formatted seed-mean, or – where the sweep did not record it."""
+    v = r.get(key, float("nan"))
+    return "–" if not isinstance(v, float) or v != v else format(scale * v, fmt)
 
 
 def markdown_table(groups: dict[str, list[dict]]) -> str:
-    """The sweep as a markdown table (held-out accuracy in %, memory, throughput), per student;
-    ``groups`` is :func:`by_student` of :func:`mean_over_seeds` rows."""
-    head = ("| student | policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | "
-            "peak RSS GiB | grad tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    """The sweep as a markdown table (held-out accuracy in %, selection analytics, memory,
+    throughput), per student; ``groups`` is :func:`by_student` of :func:`mean_over_seeds` rows.
+
+    Q3 lift = kept share of Q3 / its share of all tokens (> 1: the policy over-keeps Q3, the
+    paper's Remark 1); δ̂ median: how squashed the normalized divergence is."""
+    head = ("| student | policy | ρ | kept/step | T=1.0 acc | greedy acc | Q3 share (all / kept) | Q3 lift | "
+            "Q3 by fwd KL, % (all / kept) | δ̂ median | peak RSS GiB | grad tokens/s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for student, rs in groups.items():
         seeds = ", ".join(str(x) for x in rs[0]["seeds"])
-        lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {100 * rs[0]['acc_before']:.1f} | "
-                     f"{100 * rs[0]['greedy_before']:.1f} | – | – | – |")
+        lines.append(f"| {student} | before OPD (seeds {seeds}) | – | – | {_p1(rs[0]['acc_before'])} | "
+                     f"{_p1(rs[0]['greedy_before'])} | – | – | – | – | – | – |")
         for r in rs:
             lines.append(f"| {student} | {r['policy']} | {r['keep_ratio']:g} | {r['mean_kept_tokens']:.0f} | "
                          f"{_pct(r, 'acc_after')} | {_pct(r, 'greedy_after')} | "
-                         f"{100 * r['frac_q3']:.1f}% / {100 * r['kept_frac_q3']:.1f}% | "
-                         f"{r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
+                         f"{_p1(r['frac_q3'])}% / {_p1(r['kept_frac_q3'])}% | {_num(r, 'q3_lift', '.2f')} | "
+                         f"{_num(r, 'frac_q3_fkl', '.1f', 100)} / {_num(r, 'kept_frac_q3_fkl', '.1f', 100)} | "
+                         f"{_num(r, 'dhat_median', '.2g')} | {r['peak_memory_gb']:.2f} | {r['train_tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

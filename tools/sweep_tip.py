@@ -5,6 +5,7 @@ is that run's own); the CSV gets one row per finished run and finished rows are 
 the next call, so an interrupted sweep resumes where it stopped.
 
     python tools/sweep_tip.py --out runs/sweep --jobs 2            # full grid (~20 min on 2 cores)
+    python tools/sweep_tip.py --out runs/fid --jobs 2 --grid fidelity   # min-max vs rank, weighted sampling
     python tools/sweep_tip.py --out /tmp/s --grid reduced --steps 2 --eval-limit 8   # smoke
     python tools/plot_sweep.py --csv runs/sweep/results.csv --out runs/sweep/plots
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -28,7 +30,11 @@ CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 FIELDS = ["name", "policy", "score", "keep_ratio", "student", "seed", "steps", "acc_before", "acc_after",
           "greedy_before", "greedy_after",
           "final_loss", "mean_kept_tokens", "mean_kept_ratio", "frac_q1", "frac_q2", "frac_q3", "frac_q4",
-          "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s", "step_time_s", "wall_s"]
+          "kept_frac_q3", "peak_memory_gb", "train_tokens_per_s", "step_time_s", "wall_s",
+          # issue #18: normalization / weighting of the point, all four kept shares, Q3 under forward
+          # KL, how squashed the normalized axes are, and Q3's kept share over its base rate
+          "normalization", "weighting", "kept_frac_q1", "kept_frac_q2", "kept_frac_q4", "frac_q3_fkl",
+          "kept_frac_q3_fkl", "hhat_median", "dhat_median", "q3_lift", "weight_max"]
 
 # (name, overrides): the paper's Tables 3-6 and 8 on the toy.
 POLICIES = {
@@ -38,13 +44,22 @@ POLICIES = {
     "q3": {"selection.policy": "topk", "selection.score": "q3"},
     "random": {"selection.policy": "random"},
     "soft_or_bottom": {"selection.policy": "bottomk", "selection.score": "soft_or"},
+    # issue #18: Soft-OR on rank-normalized ĥ, δ̂; entropy sampling with inverse-inclusion weights
+    "soft_or_rank": {"selection.policy": "topk", "selection.score": "soft_or", "selection.normalization": "rank"},
+    "entropy_sampling_iw": {"selection.policy": "entropy_sampling", "selection.weighting": "inverse_inclusion"},
 }
 
 
 def grid(kind: str) -> list[tuple[str, float]]:
-    """(policy, keep ratio) points; 'all' only at 1.0, the bottom-k ablation at 0.5 (Table 6)."""
+    """(policy, keep ratio) points; 'all' only at 1.0, the bottom-k ablation at 0.5 (Table 6).
+
+    'fidelity' (issue #18): Soft-OR min-max vs rank and entropy sampling unweighted vs
+    inverse-inclusion weighted at ρ = 0.5 / 0.2 / 0.1, with the all-token baseline."""
     if kind == "reduced":
         return [("all", 1.0), ("soft_or", 0.5)]
+    if kind == "fidelity":
+        return [("all", 1.0)] + [(p, rho) for rho in (0.5, 0.2, 0.1)
+                                 for p in ("soft_or", "soft_or_rank", "entropy_sampling", "entropy_sampling_iw")]
     pts = [("all", 1.0)]
     for rho in (0.5, 0.2, 0.1):
         pts += [(p, rho) for p in ("entropy_sampling", "soft_or", "q3", "random")]
@@ -79,7 +94,9 @@ def run_point(policy: str, rho: float, *, args, out: Path, baseline: dict | None
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "skipped" not in m]
-    mean = lambda k: statistics.fmean(m[k] for m in steps if m.get(k) is not None)  # noqa: E731
+    def mean(k: str) -> float:  # over steps that logged a finite value (q3_lift is NaN without Q3)
+        vals = [m[k] for m in steps if m.get(k) is not None and math.isfinite(m[k])]
+        return statistics.fmean(vals) if vals else math.nan
     ev = summary.get("eval", {})
     before = baseline or ev.get("before", {})
     return {
@@ -93,13 +110,18 @@ def run_point(policy: str, rho: float, *, args, out: Path, baseline: dict | None
         "train_tokens_per_s": mean("train_tokens_per_s"),
         "step_time_s": mean("time_train_s") + mean("time_score_s") + mean("time_rollout_s"),
         "wall_s": round(time.time() - t0, 1),
+        "normalization": POLICIES[policy].get("selection.normalization", "minmax"),
+        "weighting": POLICIES[policy].get("selection.weighting", "none"),
+        **{f"kept_frac_q{i}": mean(f"kept_frac_q{i}") for i in (1, 2, 4)},
+        **{k: mean(k) for k in ("frac_q3_fkl", "kept_frac_q3_fkl", "hhat_median", "dhat_median", "q3_lift")},
+        "weight_max": max((m["weight_max"] for m in steps if "weight_max" in m), default=""),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--grid", choices=("full", "reduced"), default="full")
+    ap.add_argument("--grid", choices=("full", "reduced", "fidelity"), default="full")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1234)
@@ -117,7 +139,13 @@ def main() -> None:
     done, baseline = set(), None
     if path.is_file():
         with path.open() as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if reader.fieldnames != FIELDS:  # an older sweep's CSV: rewrite it with the new columns (blank)
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
         done = {row["name"] for row in rows}
         # The baseline is per student and seed (the eval's sampling seed follows train.seed).
         mine = [row for row in rows if row["student"] == args.student_tag and int(row["seed"]) == args.seed]

@@ -18,7 +18,7 @@ from megatron_tip.checkpoint.layout import (
 )
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
 from megatron_tip.launch import run_distributed
-from megatron_tip.models.hf.families import hf_config_from_spec
+from megatron_tip.models.hf.families import save_hf_config
 from megatron_tip.models.hf.mapping import all_names, canonical_to_hf
 from megatron_tip.models.hf.weights import HFCheckpointReader, check_hf_checkpoint, load_hf_weights, save_hf_safetensors
 from megatron_tip.models.spec import ModelSpec
@@ -138,7 +138,7 @@ def megatron_to_hf(megatron_dir: str | os.PathLike, out: str | os.PathLike, *, o
         files = run_distributed(_megatron_to_hf_rank, 1, str(megatron_dir), str(tmp), max_shard_bytes,
                                 torch_dtype, progress, timeout=timeout)[0]
         copy_hf_aux_files(Path(megatron_dir) / HF_DIR, tmp, skip=("config.json",))
-        hf_config_from_spec(spec).save_pretrained(str(tmp))
+        save_hf_config(spec, tmp)
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

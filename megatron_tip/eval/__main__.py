@@ -1,6 +1,6 @@
 """Evaluate a HF checkpoint on a math JSONL set: mean@n and pass@k.
 
-    python -m megatron_tip.eval --model <hf_dir> --data shared/data/math500.jsonl \\
+    python -m megatron_tip.eval --model <hf_dir> --data data/eval/math500.jsonl \\
         --samples 16 --temperature 1.0 --out results.jsonl
 """
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _evaluate(args: argparse.Namespace, problems: list[dict], *, export_dir: Pat
     t0 = time.time()
     rows, summary = evaluate(problems, gen, samples=args.samples, tokenizer=tokenizer, fmt=fmt,
                              progress=not args.no_progress)
-    summary.update(model=str(args.model), data=str(args.data), temperature=args.temperature, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens, seed=args.seed, seconds=round(time.time() - t0, 1))
+    summary.update(model=str(args.model), data=str(args.data), sampling=gen.settings,
+                   prompt_format=fmt.template if fmt.template is not None else "chat",
+                   enable_thinking=fmt.enable_thinking, batch_size=args.batch_size, seconds=round(time.time() - t0, 1))
     if args.out:
         out, summary_path = write_results(rows, summary, args.out)
         print(f"wrote {out} and {summary_path}")

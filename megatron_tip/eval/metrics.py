@@ -40,8 +40,14 @@ def problem_metrics(correct: Sequence[bool], *, ks: Sequence[int] | None = None)
 
 
 def aggregate(per_problem: Sequence[Sequence[bool]], *, ks: Sequence[int] | None = None) -> dict:
-    """Dataset-level ``mean@n`` and ``pass@k`` (averages of the per-problem values).
+    """Dataset-level ``mean@n`` and ``pass@k`` (averages of the per-problem values), with spreads.
 
+    - ``mean@n_std``: standard deviation across problems of the per-problem mean (ddof 1);
+    - ``mean@n_se``: its standard error, ``mean@n_std / sqrt(problems)`` (the ± we report);
+    - ``mean@n_std_samples``: standard deviation across the n sample sets of their accuracy
+      (sample j of every problem is one evaluation run; ddof 1).
+    NaN where undefined (one problem / one sample). The paper reports "mean@16 ± std" without
+    saying which spread; we report these three, named.
     Every problem must have the same number of samples n, so mean@n and pass@k are comparable.
     """
     if not per_problem:
@@ -52,6 +58,11 @@ def aggregate(per_problem: Sequence[Sequence[bool]], *, ks: Sequence[int] | None
     n = ns.pop()
     ks = default_ks(n) if ks is None else [k for k in ks if k <= n]
     rows = [problem_metrics(c, ks=ks) for c in per_problem]
+    means = np.array([r["mean"] for r in rows], dtype=np.float64)
+    runs = np.asarray(per_problem, dtype=np.float64).mean(0)  # accuracy of each sample set, [n]
+    std = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
     return {"num_problems": len(rows), "samples": n,
-            f"mean@{n}": float(np.mean([r["mean"] for r in rows])),
+            f"mean@{n}": float(means.mean()), f"mean@{n}_std": std,
+            f"mean@{n}_se": std / float(np.sqrt(len(means))),
+            f"mean@{n}_std_samples": float(runs.std(ddof=1)) if n > 1 else float("nan"),
             "pass@k": {k: float(np.mean([r["pass@k"][k] for r in rows])) for k in ks}}

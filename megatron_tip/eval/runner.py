@@ -3,6 +3,11 @@
 ``GenerateFn(prompts, n) -> completions[len(prompts)][n]`` is the only contract between the
 evaluator and a rollout engine: HF ``generate`` here; the trainer's megatron-native or vLLM
 engines can be wrapped the same way.
+
+Sampling is configured explicitly and identically to training rollouts (``rollout.base``): T,
+top_p, no top-k, no penalties, stop only on the tokenizer's EOS, max_new_tokens. Nothing comes
+from the checkpoint's generation_config.json (which conversion copies: Qwen2.5-Instruct's sets
+repetition_penalty 1.05-1.1, top_k 20 and extra end ids).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_tip.checkpoint.layout import SPEC_FILE, is_hf_dir
+from megatron_tip.rollout.base import SamplingParams, sampling_settings, stop_token_ids
 
 from .grading import extract_boxed, grade
 from .metrics import aggregate, problem_metrics
@@ -40,18 +46,44 @@ def check_hf_dir(model_dir: str | Path, *, export_to: str | Path | None = None) 
     return d
 
 
+def hf_generation_config(params: SamplingParams, *, pad_token_id: int):
+    """A transformers ``GenerationConfig`` with every sampling-relevant field set from ``params``.
+
+    Pass it with ``use_model_defaults=False``: otherwise transformers (>= 4.50) fills fields left
+    at their global defaults (repetition_penalty 1.0, top_k 50 ...) from the model's own
+    generation_config.json, and takes its eos ids when ours is empty.
+    """
+    from transformers import GenerationConfig
+
+    if not params.stop_token_ids:
+        raise ValueError("sampling needs at least one stop token id (the tokenizer has no eos_token_id)")
+    sample = params.temperature > 0
+    return GenerationConfig(
+        do_sample=sample, temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample else None, top_k=0 if sample else None, min_p=None, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, bad_words_ids=None, min_new_tokens=0, max_new_tokens=params.max_new_tokens,
+        num_beams=1, eos_token_id=list(params.stop_token_ids), pad_token_id=pad_token_id,
+        forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=None, begin_suppress_tokens=None,
+        renormalize_logits=False, stop_strings=None)
+
+
 def make_hf_generate_fn(model, tokenizer, *, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 1024, batch_size: int = 16, seed: int = 0,
-                        add_special_tokens: bool = True, progress: bool = True) -> GenerateFn:
+                        add_special_tokens: bool = True, progress: bool = True,
+                        stop_ids: tuple[int, ...] | None = None) -> GenerateFn:
     """A :data:`GenerateFn` over HF ``model.generate`` (batched, left padding, sampling if T > 0).
 
-    Sequences are flattened (prompt x sample) and chunked by ``batch_size``; the RNG is seeded once
-    per call, so results are reproducible for a fixed batch size.
+    Sampling settings are the training rollouts' (:func:`hf_generation_config`); ``stop_ids``
+    defaults to the tokenizer's EOS (:func:`megatron_tip.rollout.base.stop_token_ids`). The exact
+    settings are in ``generate.settings``. Sequences are flattened (prompt x sample) and chunked by
+    ``batch_size``; the RNG is seeded once per call, so results are reproducible for a fixed batch size.
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding needs a pad id; it is masked anyway
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=tuple(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer))
+    gen_config = hf_generation_config(params, pad_token_id=tokenizer.pad_token_id)
 
     @torch.no_grad()
     def generate(prompts: list[str], n: int) -> list[list[str]]:
@@ -65,8 +97,7 @@ def make_hf_generate_fn(model, tokenizer, *, temperature: float = 1.0, top_p: fl
             for i in range(0, len(flat), batch_size):
                 enc = tokenizer(flat[i: i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(model.device)
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     **sampling)
+                ids = model.generate(**enc, generation_config=gen_config, use_model_defaults=False)
                 out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 bar.update(len(ids))
         finally:
@@ -74,6 +105,7 @@ def make_hf_generate_fn(model, tokenizer, *, temperature: float = 1.0, top_p: fl
             bar.close()
         return [out[j * n: (j + 1) * n] for j in range(len(prompts))]
 
+    generate.settings = sampling_settings(params)  # type: ignore[attr-defined]
     return generate
 
 
@@ -115,7 +147,8 @@ def format_summary(summary: dict, *, title: str = "") -> str:
     n = summary["samples"]
     lines = [title] if title else []
     lines.append(f"problems {summary['num_problems']}  samples {n}")
-    lines.append(f"  mean@{n:<4} {100 * summary[f'mean@{n}']:6.2f}")
+    lines.append(f"  mean@{n:<4} {100 * summary[f'mean@{n}']:6.2f} ± {100 * summary[f'mean@{n}_se']:.2f} "
+                 f"(standard error across problems)")
     lines += [f"  pass@{k:<4} {100 * v:6.2f}" for k, v in summary["pass@k"].items()]
     return "\n".join(lines)
 
@@ -132,7 +165,9 @@ def print_summary(summary: dict, *, title: str = "") -> None:
     table = Table(title=title or None)
     table.add_column("metric")
     table.add_column("value (%)", justify="right")
-    table.add_row(f"mean@{n}", f"{100 * summary[f'mean@{n}']:.2f}")
+    table.add_row(f"mean@{n} ± s.e. (across problems)",
+                  f"{100 * summary[f'mean@{n}']:.2f} ± {100 * summary[f'mean@{n}_se']:.2f}")
+    table.add_row(f"std across the {n} sample sets", f"{100 * summary[f'mean@{n}_std_samples']:.2f}")
     for k, v in summary["pass@k"].items():
         table.add_row(f"pass@{k}", f"{100 * v:.2f}")
     table.caption = f"{summary['num_problems']} problems x {n} samples"

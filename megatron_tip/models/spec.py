@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 
 VOCAB_DIVISIBLE_BY = 128  # megatron's default make-vocab-size-divisible-by
+HF_ROPE_LAYOUTS = ("legacy", "rope_parameters")
 
 
 def padded_vocab(vocab_size: int, *, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
@@ -36,12 +37,15 @@ class ModelSpec:
     kv_channels: Optional[int] = None  # head_dim; None -> hidden / heads
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None  # HF rope_scaling dict (Llama-3.1 "llama3")
+    rope_scaling: Optional[dict[str, Any]] = None  # llama3 scaling: rope_type, factor, low/high_freq_factor, original_max_position_embeddings
     norm_epsilon: float = 1e-6
     qk_layernorm: bool = False  # Qwen3
     add_qkv_bias: bool = False  # Qwen2 / Qwen2.5
     tie_word_embeddings: bool = False
     extra_hf_config: dict[str, Any] = field(default_factory=dict)  # round-trips to config.json
+    # How config.json spelled RoPE: "legacy" (rope_theta + rope_scaling: transformers 4.x and Hub
+    # checkpoints) or "rope_parameters" (transformers 5.x). Export writes it back the same way.
+    hf_rope_layout: str = "legacy"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -59,6 +63,8 @@ class ModelSpec:
                     f"ModelSpec: hidden_size={self.hidden_size} not divisible by "
                     f"num_attention_heads={self.num_attention_heads}; set kv_channels")
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.hf_rope_layout not in HF_ROPE_LAYOUTS:
+            raise ValueError(f"ModelSpec.hf_rope_layout must be one of {HF_ROPE_LAYOUTS}, got {self.hf_rope_layout!r}")
 
     @property
     def head_dim(self) -> int:

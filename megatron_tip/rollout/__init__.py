@@ -6,10 +6,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_tip.rollout.base import Rollout, RolloutEngine, SamplingParams
+from megatron_tip.rollout.base import (FIXED_SAMPLING, Rollout, RolloutEngine, SamplingParams, sampling_settings,
+                                       stop_token_ids)
 from megatron_tip.rollout.config import ENGINES, RolloutConfig
 
-__all__ = ["ENGINES", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingParams", "build_engine"]
+__all__ = ["ENGINES", "FIXED_SAMPLING", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingParams",
+           "build_engine", "check_engine", "sampling_settings", "stop_token_ids"]
+
+
+def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:
+    """What ``build_engine`` would refuse, checked before any model loads (ValueError naming the key).
+
+    vllm: installed, PP=1 with TP groups of consecutive ranks, sleep mode only on CUDA.
+    """
+    if cfg.engine != "vllm":
+        return
+    import importlib.util
+
+    from megatron_tip.rollout.colocated import check_layout
+    from megatron_tip.rollout.vllm_engine import check_sleep_supported
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("rollout.engine=vllm needs vLLM installed: `pip install -e .[vllm]` on GPU, "
+                         "`pip install -r requirements/cpu-vllm.txt -e .` on CPU (README)")
+    check_layout(ctx)
+    check_sleep_supported(cfg.vllm_sleep_level)
 
 
 def build_engine(cfg: RolloutConfig, *, model: Any, ctx: Any, vocab_size: int, pad_id: int,
@@ -17,7 +38,8 @@ def build_engine(cfg: RolloutConfig, *, model: Any, ctx: Any, vocab_size: int, p
     """The rollout engine ``cfg.engine`` for this rank.
 
     megatron: samples with the student ``model`` itself (any TP/PP). vllm: one colocated engine
-    per rank started from the student's HF dir ``hf_dir`` (external launcher, PP=1).
+    per rank started from the student's HF dir ``hf_dir`` (external launcher, PP=1), sampling
+    only ids below ``vocab_size``, sleeping between rollouts at ``cfg.vllm_sleep_level``.
     """
     if cfg.engine == "megatron":
         from megatron_tip.rollout.megatron_engine import MegatronEngine
@@ -29,4 +51,5 @@ def build_engine(cfg: RolloutConfig, *, model: Any, ctx: Any, vocab_size: int, p
 
     return TPColocatedEngine(lambda **parallel: VLLMEngine(
         hf_dir, dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        max_model_len=max_model_len, seed=seed, **parallel), ctx=ctx)
+        max_model_len=max_model_len, seed=seed, vocab_size=vocab_size, sleep_level=cfg.vllm_sleep_level,
+        **parallel), ctx=ctx)

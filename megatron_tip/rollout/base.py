@@ -7,7 +7,7 @@ interface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol
 
 import torch
 
@@ -32,6 +32,28 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# What every engine does besides SamplingParams' own fields (training rollouts and evaluation alike):
+# no top-k, no repetition/presence/frequency penalty, no minimum length, stop only on stop_token_ids.
+FIXED_SAMPLING = {"top_k": "off", "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "min_new_tokens": 0}
+
+
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The one stopping rule of training rollouts and evaluation: the tokenizer's EOS id.
+
+    A checkpoint's generation_config.json may list more end ids (Qwen: <|im_end|> and
+    <|endoftext|>); neither engines nor the evaluator read it.
+    """
+    return tuple(i for i in {tokenizer.eos_token_id} if i is not None)
+
+
+def sampling_settings(params: SamplingParams) -> dict[str, Any]:
+    """The exact sampling configuration of ``params``, for logs and eval outputs."""
+    return {"temperature": params.temperature, "top_p": params.top_p, **FIXED_SAMPLING,
+            "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids),
+            "greedy": params.temperature == 0, "seed": params.seed}
 
 
 @dataclass

@@ -22,22 +22,28 @@ import torch.distributed as dist
 from megatron_tip.rollout.base import Rollout, SamplingParams
 
 
-def external_launcher_kwargs(ctx) -> dict:
-    """vLLM engine arguments that make every rank of ``ctx`` one TP rank of a colocated engine.
-
-    Checks the layout vLLM assumes (TP groups of consecutive ranks, PP=1) and exports the
-    RANK/LOCAL_RANK variables its external-launcher executor reads (srun does not set them).
-    """
+def check_layout(ctx) -> None:
+    """ValueError unless vLLM can colocate with this layout: PP=1, TP groups of consecutive ranks."""
     if ctx.pp > 1:
         raise ValueError("rollout.engine=vllm needs pipeline_parallel=1 (vLLM holds the whole model on "
                          "each TP group of one stage); use rollout.engine=megatron with PP>1")
+    if ctx.tp > 1:
+        tp_ranks = dist.get_process_group_ranks(ctx.tp_group)
+        first = ctx.rank - ctx.tp_rank
+        if tp_ranks != list(range(first, first + ctx.tp)):
+            raise ValueError(f"vLLM's TP groups are consecutive ranks, but this rank's megatron TP group is "
+                             f"{tp_ranks}; use the default rank order (tp first)")
+
+
+def external_launcher_kwargs(ctx) -> dict:
+    """vLLM engine arguments that make every rank of ``ctx`` one TP rank of a colocated engine.
+
+    Checks the layout vLLM assumes (:func:`check_layout`) and exports the RANK/LOCAL_RANK
+    variables its external-launcher executor reads (srun does not set them).
+    """
+    check_layout(ctx)
     if ctx.world_size == 1:
         return {"tensor_parallel_size": 1}
-    tp_ranks = dist.get_process_group_ranks(ctx.tp_group) if ctx.tp > 1 else [ctx.rank]
-    first = ctx.rank - ctx.tp_rank
-    if tp_ranks != list(range(first, first + ctx.tp)):
-        raise ValueError(f"vLLM's TP groups are consecutive ranks, but this rank's megatron TP group is "
-                         f"{tp_ranks}; use the default rank order (tp first)")
     os.environ.setdefault("RANK", str(ctx.rank))
     os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
     return {"tensor_parallel_size": ctx.tp, "distributed_executor_backend": "external_launcher"}
@@ -61,3 +67,11 @@ class TPColocatedEngine:
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full (TP-gathered) HF-named weights; each rank's engine keeps its own slice."""
         self.engine.sync_weights(named_tensors)
+
+    def sleep(self) -> None:
+        """Free this rank's engine memory until the next sync (no-op unless the engine sleeps)."""
+        self.engine.sleep()
+
+    def close(self) -> None:
+        """Shut this rank's engine down (local; call after the last collective)."""
+        self.engine.close()

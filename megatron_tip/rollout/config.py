@@ -17,6 +17,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     vllm_gpu_memory_utilization: float = 0.4
+    # vLLM sleep mode between rollouts and training (CUDA only; engine=vllm only): 0 off,
+    # 1 offload weights to CPU + free the KV cache, 2 discard both (each step's sync reloads them)
+    vllm_sleep_level: int = 0
 
     def __post_init__(self) -> None:
         one_of("engine", self.engine, ENGINES)
@@ -25,6 +28,16 @@ class RolloutConfig:
         in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         at_least("max_new_tokens", self.max_new_tokens, 1)
         in_range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, low_open=True)
+        one_of("vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError(f"temperature=0 (greedy) with samples_per_prompt={self.samples_per_prompt} gives "
+                             f"identical samples (vLLM refuses it): set samples_per_prompt=1 or temperature>0")
+
+    def check_parallel(self, *, pipeline_parallel: int) -> None:
+        """Engine constraints on the parallel layout, checked when the run config is composed."""
+        if self.engine == "vllm" and pipeline_parallel > 1:
+            raise ValueError(f"rollout.engine=vllm needs parallel.pipeline_parallel=1 (got {pipeline_parallel}): "
+                             f"vLLM holds the whole model in each TP group; use rollout.engine=megatron with PP>1")
 
     def sampling(self, *, seed: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The training rollouts' SamplingParams."""

@@ -9,6 +9,8 @@ POLICIES = ("all", "topk", "bottomk", "entropy_sampling", "random", "quadrants")
 SCORES = ("soft_or", "entropy", "reverse_kl", "q3", "random")
 SCOPES = ("per_sequence", "global")
 NORMALIZATIONS = ("minmax", "rank")
+THRESHOLD_MODES = ("median", "percentile", "fixed")
+WEIGHTINGS = ("none", "inverse_inclusion")
 
 
 @dataclass
@@ -27,7 +29,18 @@ class SelectionConfig:
     normalization: "minmax" (paper) or "rank" (mid-rank ECDF, robust to outliers).
     entropy_clip_percentile: clip h at this global-batch percentile before min-max.
     quadrants: kept quadrants for policy "quadrants" (1..4).
-    h_threshold / kl_threshold: quadrant boundaries; None = exact global-batch median.
+    threshold_mode: how the quadrant boundaries are set (the paper gives no numbers, ours):
+      "median" (default; exact global-batch medians, which forces share(Q2) = share(Q3) and
+      share(Q1) = share(Q4) up to ties), "percentile" (the ``h_percentile`` /
+      ``kl_percentile`` global-batch percentiles; forward KL uses ``kl_percentile``), "fixed"
+      (``h_threshold`` / ``kl_threshold`` / ``fkl_threshold``, all required).
+    h_threshold / kl_threshold / fkl_threshold: fixed boundaries on h, reverse KL and forward KL
+      (forward KL: the logged Q3 share under forward KL). In the median/percentile modes a value
+      set here overrides that one axis.
+    h_percentile / kl_percentile: percentiles in (0, 100) for threshold_mode "percentile".
+    weighting: "none" (paper) or "inverse_inclusion" (entropy_sampling, per_sequence only):
+      weight each kept token by |T| / (N · π_t), π_t its inclusion probability, so the
+      kept-token loss is an unbiased estimate of the all-token mean loss (ours).
     seed: mixed with the step and the global rollout index for random policies.
     """
 
@@ -39,8 +52,13 @@ class SelectionConfig:
     normalization: str = "minmax"
     entropy_clip_percentile: float = 98.0
     quadrants: list[int] = field(default_factory=lambda: [3])
+    threshold_mode: str = "median"
     h_threshold: Optional[float] = None
     kl_threshold: Optional[float] = None
+    fkl_threshold: Optional[float] = None
+    h_percentile: float = 50.0
+    kl_percentile: float = 50.0
+    weighting: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,7 +66,8 @@ class SelectionConfig:
             return ValueError(f"SelectionConfig.{name}={getattr(self, name)!r}: {why}")
 
         for name, allowed in (("policy", POLICIES), ("score", SCORES), ("scope", SCOPES),
-                              ("normalization", NORMALIZATIONS)):
+                              ("normalization", NORMALIZATIONS), ("threshold_mode", THRESHOLD_MODES),
+                              ("weighting", WEIGHTINGS)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) \
@@ -66,10 +85,23 @@ class SelectionConfig:
         if not q or any(isinstance(v, bool) or v not in (1, 2, 3, 4) for v in q):
             raise bad("quadrants", "must be a non-empty list of quadrant ids in 1..4")
         self.quadrants = sorted(set(int(v) for v in q))
-        for name in ("h_threshold", "kl_threshold"):
+        for name in ("h_threshold", "kl_threshold", "fkl_threshold"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(float(v))):
                 raise bad(name, "must be None or a finite number")
+        if self.threshold_mode == "fixed":
+            for name in ("h_threshold", "kl_threshold", "fkl_threshold"):
+                if getattr(self, name) is None:
+                    raise bad(name, "threshold_mode 'fixed' needs h_threshold, kl_threshold and fkl_threshold")
+        for name in ("h_percentile", "kl_percentile"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < float(v) < 100.0):
+                raise bad(name, "must be a number in (0, 100)")
+            setattr(self, name, float(v))
+        if self.weighting == "inverse_inclusion" and (self.policy != "entropy_sampling"
+                                                      or self.scope != "per_sequence"):
+            raise bad("weighting", "'inverse_inclusion' applies to policy 'entropy_sampling' with "
+                                   "scope 'per_sequence' only")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad("seed", "must be an int")

@@ -4,6 +4,7 @@ Collective schedule (identical on every rank, decided by the config and by all-r
 values only): 1 all-gather of the local rollout count, 2 all-reduces of global stats,
 4 histogram all-reduces for the needed percentiles/medians (all in one lockstep select),
 [rank normalization: 2 histogram all-reduces], [global scope: the top-k collectives],
+4 histogram all-reduces for the medians of ĥ and δ̂ (logged: how squashed δ̂ is),
 1 all-reduce of the metric counts.
 
 Randomness (entropy_sampling, random) is drawn per rollout from a generator seeded by
@@ -22,8 +23,9 @@ import torch.distributed as dist
 
 from megatron_tip.seeding import derive_seed
 from megatron_tip.selection.config import SelectionConfig
+from megatron_tip.selection.inclusion import inclusion_probabilities, inverse_inclusion_weights
 from megatron_tip.selection.scores import batch_stats, classify, normalize, q3_score, soft_or
-from megatron_tip.selection.topk import Comm, distributed_topk_mask, ordered_key
+from megatron_tip.selection.topk import Comm, distributed_topk_mask, global_quantiles, ordered_key
 
 _ZERO_TIER = -1e200  # Efraimidis–Spirakis keys of h > 0 are >= -3e46: zero weights sort after
 
@@ -35,6 +37,8 @@ class SelectionResult:
     scores: torch.Tensor     # fp32: the score the policy used, 0 where invalid
     quadrant: torch.Tensor   # int8: 1..4, 0 where invalid
     metrics: dict[str, float] = field(default_factory=dict)  # global batch, same on all ranks
+    # fp32 per-token loss weights at kept positions (0 elsewhere); None = every kept token weighs 1
+    weights: Optional[torch.Tensor] = None
 
 
 def per_rollout_uniform(valid: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -114,15 +118,20 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
     B = valid.shape[0]
     row0 = sum(comm.all_gather_int(B)[:comm.rank])
     minmax = config.normalization == "minmax"
+    pct = config.threshold_mode == "percentile"
     st = batch_stats(h, d, f, valid, comm=comm, clip_percentile=config.entropy_clip_percentile if minmax else None,
-                     h_threshold=config.h_threshold, kl_threshold=config.kl_threshold)
+                     h_threshold=config.h_threshold, kl_threshold=config.kl_threshold,
+                     fkl_threshold=config.fkl_threshold, h_quantile=config.h_percentile / 100 if pct else 0.5,
+                     kl_quantile=config.kl_percentile / 100 if pct else 0.5)
     n = st.n_valid
     quadrant = classify(h, d, valid, st.h_threshold, st.kl_threshold)
+    quadrant_fkl = classify(h, f, valid, st.h_threshold, st.fkl_threshold)  # Q3 as the Q3 score sees it
     h_hat, d_hat = normalize(h, d, valid, st, normalization=config.normalization, group=group)
 
     pol, rho = config.policy, config.keep_ratio
     seeds = [derive_seed(config.seed, step, row0 + b) for b in range(B)]
     zero = torch.zeros_like(h)
+    pi = weights = None
     if pol in ("all", "quadrants"):
         score = soft_or(h_hat, d_hat)
         mask = valid.clone() if pol == "all" else valid & torch.isin(
@@ -141,22 +150,41 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
         if config.scope == "per_sequence":
             k_row = budget(valid.sum(1), rho, config.min_keep_per_sequence)
             mask = per_row_topk_mask(rank_key, valid, k_row)
+            if config.weighting == "inverse_inclusion":  # config allows it for entropy_sampling only
+                pi = inclusion_probabilities(h, valid, k_row)
         else:
             k = int(budget(torch.tensor(n, device="cpu"), rho))  # a host-side count
             mask = distributed_topk_mask(rank_key.reshape(-1), valid.reshape(-1), k,
                                          group=group).view_as(valid)
     score = torch.where(valid, score.float(), zero)
 
+    # How squashed the normalized axes are (issue: heavy-tailed δ under min-max gives δ̂ ≈ 0, so
+    # Soft-OR ≈ ĥ): exact global medians of ĥ and δ̂, one lockstep select.
+    h_hat_med, d_hat_med = global_quantiles(comm, [(h_hat, 0.5), (d_hat, 0.5)], valid, n)
     qs = torch.arange(1, 5, dtype=torch.int8, device=valid.device)[:, None, None]
     in_q = quadrant[None] == qs
-    counts = torch.cat([mask.sum()[None], in_q.sum((1, 2)), (in_q & mask[None]).sum((1, 2))])
-    counts = comm.all_reduce(counts.to(torch.float64)).cpu().tolist()
+    q3f = quadrant_fkl == 3
+    counts = torch.cat([mask.sum()[None], in_q.sum((1, 2)), (in_q & mask[None]).sum((1, 2)),
+                        q3f.sum()[None], (q3f & mask).sum()[None]]).to(torch.float64)
+    counts = comm.all_reduce(counts).cpu().tolist()
     n_kept = counts[0]
+    if pi is not None:  # needs the global |T| and N (config-driven: every rank takes this branch)
+        weights = inverse_inclusion_weights(pi, mask, n_kept=n_kept, n_valid=float(n))
+        w = weights.double().reshape(-1)
+        w_sum = comm.all_reduce(w.sum()[None]).item()
+        w_max = comm.all_reduce(w.max()[None] if w.numel() else w.new_zeros(1), op=dist.ReduceOp.MAX).item()
     metrics = {"n_valid": float(n), "n_kept": n_kept, "kept_ratio": n_kept / n if n else 0.0}
     for i in range(4):
         metrics[f"frac_q{i + 1}"] = counts[1 + i] / n if n else 0.0
         metrics[f"kept_frac_q{i + 1}"] = counts[5 + i] / n_kept if n_kept else 0.0
+    metrics["frac_q3_fkl"] = counts[9] / n if n else 0.0
+    metrics["kept_frac_q3_fkl"] = counts[10] / n_kept if n_kept else 0.0
+    # kept share of Q3 over its base rate: > 1 means the policy over-samples Q3 (paper Remark 1)
+    metrics["q3_lift"] = metrics["kept_frac_q3"] / metrics["frac_q3"] if metrics["frac_q3"] else math.nan
+    metrics.update(hhat_median=h_hat_med, dhat_median=d_hat_med)
+    if weights is not None:
+        metrics.update(weight_mean=w_sum / n_kept if n_kept else 0.0, weight_max=w_max)
     metrics.update(mean_h=st.mean_h, mean_rkl=st.mean_rkl, mean_fkl=st.mean_fkl, h_threshold=st.h_threshold,
-                   kl_threshold=st.kl_threshold, h_clip=st.h_clip, h_min=st.h_min, h_max=st.h_max,
-                   rkl_min=st.rkl_min, rkl_max=st.rkl_max)
-    return SelectionResult(mask=mask, scores=score, quadrant=quadrant, metrics=metrics)
+                   kl_threshold=st.kl_threshold, fkl_threshold=st.fkl_threshold, h_clip=st.h_clip,
+                   h_min=st.h_min, h_max=st.h_max, rkl_min=st.rkl_min, rkl_max=st.rkl_max)
+    return SelectionResult(mask=mask, scores=score, quadrant=quadrant, metrics=metrics, weights=weights)

@@ -105,30 +105,35 @@ class BatchStats(NamedTuple):
     rkl_min: float
     rkl_max: float
     h_clip: float        # the entropy_clip_percentile of h (NaN under rank normalization)
-    h_threshold: float   # quadrant boundaries (configured, or the exact global median)
+    h_threshold: float   # quadrant boundaries (configured, or an exact global percentile)
     kl_threshold: float
+    fkl_threshold: float  # the same boundary on forward KL (the logged forward-KL quadrants)
 
 
 def batch_stats(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, forward_kl: torch.Tensor,
                 valid: torch.Tensor, *, comm: Comm, clip_percentile: Optional[float],
-                h_threshold: Optional[float] = None, kl_threshold: Optional[float] = None) -> BatchStats:
+                h_threshold: Optional[float] = None, kl_threshold: Optional[float] = None,
+                fkl_threshold: Optional[float] = None, h_quantile: float = 0.5,
+                kl_quantile: float = 0.5) -> BatchStats:
     """Count, means, extrema, the entropy clip percentile and the quadrant thresholds of the batch.
 
-    Inputs float [B, S], valid bool [B, S]. ``clip_percentile`` None skips the percentile; a
-    threshold None is the exact global median. Collectives: 2 all-reduces plus one lockstep
-    radix select (4 histogram all-reduces) for all percentiles together. Raises ValueError on
-    every rank on a NaN at a valid position.
+    Inputs float [B, S], valid bool [B, S]. ``clip_percentile`` None skips the percentile. A
+    threshold None is the exact global quantile ``h_quantile`` of h, ``kl_quantile`` of reverse KL
+    or of forward KL (0.5: the median). Collectives: 2 all-reduces plus one lockstep radix select
+    (4 histogram all-reduces) for all percentiles together. Raises ValueError on every rank on a
+    NaN at a valid position.
     """
     st = global_stats(comm, [norm_entropy, reverse_kl, forward_kl], valid, what="select_tokens")
     n = st.n_valid
     reqs = [(norm_entropy, clip_percentile / 100.0)] if clip_percentile is not None else []
-    reqs += [(t, 0.5) for t, thr in ((norm_entropy, h_threshold), (reverse_kl, kl_threshold)) if thr is None]
+    axes = ((norm_entropy, h_threshold, h_quantile), (reverse_kl, kl_threshold, kl_quantile),
+            (forward_kl, fkl_threshold, kl_quantile))
+    reqs += [(t, q) for t, thr, q in axes if thr is None]
     qv = iter(global_quantiles(comm, reqs, valid, n))
     h_clip = next(qv) if clip_percentile is not None else math.nan
-    h_thr = float(h_threshold) if h_threshold is not None else next(qv)
-    kl_thr = float(kl_threshold) if kl_threshold is not None else next(qv)
+    thr = [float(v) if v is not None else next(qv) for _, v, _ in axes]
     mean = [x / n if n else 0.0 for x in st.sums]
-    return BatchStats(n, *mean, st.mins[0], st.maxs[0], st.mins[1], st.maxs[1], h_clip, h_thr, kl_thr)
+    return BatchStats(n, *mean, st.mins[0], st.maxs[0], st.mins[1], st.maxs[1], h_clip, *thr)
 
 
 def normalize(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, valid: torch.Tensor, stats: BatchStats, *,

@@ -77,7 +77,6 @@ def check_ops(device: torch.device, *, n: int, vocab: int) -> None:
                stats_GBps=round(bw_stats / 1e9, 1), copy_GBps=round(bw_copy / 1e9, 1),
                pct_of_copy=round(100 * bw_stats / bw_copy, 1),
                ok=err_kl < (1e-4 if dtype == torch.float32 else 2e-2) and math.isfinite(err_grad))
-        del zs, zt, src, dst
 
 
 def _train(out: Path, *overrides: str, timeout: int) -> tuple[int, list[dict], str]:

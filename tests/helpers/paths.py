@@ -3,4 +3,4 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "examples" / "toy"
-SHARED_DATA = REPO.parent / "shared" / "data"  # MATH-500 / AIME beside the checkout, when present
+EVAL_DATA = REPO / "data" / "eval"  # MATH-500 / AIME 2024 / AIME 2025, shipped in the repository

@@ -110,10 +110,18 @@ def test_logits_match_hf_and_round_trip_is_bit_exact(hf_models, tmp_path, family
 
 def test_llama_rope_scaling_is_visible_in_logits(hf_models):
     """The llama3 rope scaling changes these logits far beyond TOL, so the match above checks it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_tip.models.hf.rope import read_rope, rope_config_keys
 
     hf_dir, ref = hf_models["llama"]
-    m = AutoModelForCausalLM.from_pretrained(hf_dir, rope_scaling=None, attn_implementation="eager")
+    d = json.loads((hf_dir / "config.json").read_text())
+    theta, scaling, layout = read_rope(d)
+    assert scaling is not None
+    plain = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+    plain.update(rope_config_keys(theta, None, layout))  # same theta, no scaling, in the file's own layout
+    cfg = AutoConfig.for_model(plain.pop("model_type"), **plain)
+    m = AutoModelForCausalLM.from_pretrained(hf_dir, config=cfg, attn_implementation="eager")
     with torch.no_grad():
         plain = m(token_batch()).logits
     assert (plain - ref).abs().max() > 100 * TOL

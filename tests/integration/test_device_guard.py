@@ -25,6 +25,7 @@ def _guarded_step(rank, world, tp, pp, argv):
     parts = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, parts)
     policies = [{"selection.policy": "entropy_sampling"},
+                {"selection.policy": "entropy_sampling", "selection.weighting": "inverse_inclusion"},
                 {"selection.policy": "topk", "selection.scope": "global", "selection.normalization": "rank"},
                 {"selection.policy": "quadrants"}, {"selection.policy": "random"}]
     losses = []

@@ -4,13 +4,11 @@ import os
 import subprocess
 import sys
 import pytest
-from tests.helpers.paths import REPO, SHARED_DATA as DATA
+from tests.helpers.paths import REPO, EVAL_DATA as DATA
 
 
 @pytest.mark.timeout(300)
 def test_cli_end_to_end_on_tiny_random_model(tokenizer, tmp_path):
-    if not (DATA / "math500.jsonl").is_file():
-        pytest.skip(f"eval data {DATA} not found (shared/ must sit beside the repo checkout)")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,6 +35,11 @@ def test_cli_end_to_end_on_tiny_random_model(tokenizer, tmp_path):
         assert set(r["pass@k"]) == {"1", "2"}
     summary = json.loads((tmp_path / "res.summary.json").read_text())
     assert summary["num_problems"] == 2 and summary["samples"] == 2 and summary["mean@2"] == 0.0
+    assert summary["mean@2_se"] == 0.0 and summary["mean@2_std_samples"] == 0.0
+    assert summary["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": "off", "repetition_penalty": 1.0,
+                                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_new_tokens": 0,
+                                   "max_new_tokens": 8, "stop_token_ids": [tokenizer.eos_token_id],
+                                   "greedy": False, "seed": 3}
     assert "mean@2" in res.stdout and "pass@2" in res.stdout
 
 

@@ -18,6 +18,8 @@ CONFIGS = [
     SelectionConfig(policy="random", keep_ratio=0.3, scope="global"),
     SelectionConfig(policy="quadrants", quadrants=[3], h_threshold=0.4),
     SelectionConfig(policy="all", entropy_clip_percentile=90.0),
+    SelectionConfig(policy="entropy_sampling", keep_ratio=0.3, seed=4, weighting="inverse_inclusion"),
+    SelectionConfig(policy="all", threshold_mode="percentile", h_percentile=25.0, kl_percentile=85.0),
 ]
 
 
@@ -32,7 +34,7 @@ def _select_slice(rank, world):
     for cfg in CONFIGS:
         r = select_tokens(cfg, norm_entropy=h[sl], reverse_kl=d[sl], forward_kl=f[sl], valid=v[sl],
                           group=dist.group.WORLD, step=2)
-        out.append((r.mask, r.scores, r.quadrant, r.metrics))
+        out.append((r.mask, r.scores, r.quadrant, r.metrics, r.weights))
     return out
 
 
@@ -47,6 +49,10 @@ def test_multi_rank_equals_single_process(world):
         quad = torch.cat([res[r][c][2] for r in range(world)])
         assert torch.equal(mask, r1.mask), CONFIGS[c]
         assert torch.equal(quad, r1.quadrant) and torch.equal(scores, r1.scores), CONFIGS[c]
+        if r1.weights is None:
+            assert all(res[r][c][4] is None for r in range(world))
+        else:  # per-row inclusion probabilities, global |T| and N: the same weights whatever the split
+            torch.testing.assert_close(torch.cat([res[r][c][4] for r in range(world)]), r1.weights)
         for r in range(world):
             for k, val in res[r][c][3].items():  # metrics identical on every rank (NaN: h_clip, rank)
                 assert val == res[0][c][3][k] or (math.isnan(val) and math.isnan(res[0][c][3][k]))

@@ -25,6 +25,11 @@ def test_reduced_sweep_csv_resume_and_plots(tmp_path):
         assert 0 <= float(r["acc_after"]) <= 1 and float(r["peak_memory_gb"]) > 0
         assert abs(sum(float(r[f"frac_q{i}"]) for i in range(1, 5)) - 1) < 1e-6
     assert float(rows[1]["mean_kept_ratio"]) <= 0.5 < float(rows[0]["mean_kept_ratio"])
+    for r in rows:  # issue #18 columns: all four kept shares, Q3 under forward KL, squash of δ̂, Q3 lift
+        assert (r["normalization"], r["weighting"]) == ("minmax", "none")
+        assert abs(sum(float(r[f"kept_frac_q{i}"]) for i in range(1, 5)) - 1) < 1e-6
+        assert 0 <= float(r["frac_q3_fkl"]) <= 1 and 0 <= float(r["dhat_median"]) <= 1
+    assert float(rows[0]["q3_lift"]) == 1.0  # all tokens kept: Q3's kept share is its base rate
     # Resumable: a second call finds both rows done and runs nothing.
     again = _sweep(tmp_path)
     assert again.returncode == 0 and len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 2

@@ -1,7 +1,8 @@
 """The two-pass TIP step computes exactly the paper's loss and gradient.
 
 Reference: the HF `transformers` student and teacher in float64 on the *global* batch, full
-logits, reverse KL over the true vocabulary, mean over the kept set (the same mask), autograd.
+logits, reverse KL over the true vocabulary, mean over the kept set (the same mask; weighted by
+the same per-token weights under inverse-inclusion weighting), autograd.
 The trainer path (scoring pass, kept-position output layer, megatron per-token loss, DDP) must
 give the same loss and the same gradients at TP=1, TP=2 and DP=2.
 """
@@ -49,13 +50,13 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     packed = pack_rollouts(rollouts, pad_id=setup.pad_id, seq_len=12)
     scored = trainer.score(packed)
     st = scored.stats  # None on earlier pipeline stages: only the last stage holds logits
-    mask = None
+    mask = weights = None
     if st is not None:
         sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
                             forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=0)
-        mask = sel.mask
-    trainer.gradient_pass(scored, mask)
-    loss = trainer._loss_from_stats(scored, mask)["loss"]
+        mask, weights = sel.mask, sel.weights
+    trainer.gradient_pass(scored, mask, weights=weights)
+    loss = trainer._loss_from_stats(scored, mask, weights=weights)["loss"]
     grads = {n: p.main_grad for n, p in setup.student.module.named_parameters()}
     canon = gather_canonical_state_dict(
         setup.student.module, tp_group=ctx.tp_group, vocab_size=setup.student_spec.vocab_size, tensors=grads,
@@ -64,10 +65,13 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
         return loss, canon, None, setup.vocab_size, None
     masks = [torch.zeros_like(mask) for _ in range(ctx.dp)]
     dist.all_gather(masks, mask.contiguous(), group=ctx.dp_group)
-    return loss, canon, torch.cat(masks), setup.vocab_size, (st["reverse_kl"], packed.valid)
+    w = (weights if weights is not None else mask.float()).contiguous()
+    ws = [torch.zeros_like(w) for _ in range(ctx.dp)]
+    dist.all_gather(ws, w, group=ctx.dp_group)
+    return loss, canon, (torch.cat(masks), torch.cat(ws)), setup.vocab_size, (st["reverse_kl"], packed.valid)
 
 
-def _reference(teacher, student, mask, vocab):
+def _reference(teacher, student, mask, weights, vocab):
     from transformers import AutoModelForCausalLM
 
     from megatron_tip.models.hf.families import spec_from_hf_config
@@ -84,7 +88,7 @@ def _reference(teacher, student, mask, vocab):
         lt = t(ids).logits[..., :vocab]
     lps, lpt = torch.log_softmax(ls, -1), torch.log_softmax(lt, -1)
     rkl = (lps.exp() * (lps - lpt)).sum(-1)
-    loss = rkl[mask].mean()
+    loss = (weights.double() * rkl)[mask].sum() / mask.sum()  # weights are 1 at kept tokens without weighting
     loss.backward()
     grads = {n: p.grad for n, p in s.named_parameters()}
     return float(loss), hf_to_canonical(grads, spec_from_hf_config(s.config)), rkl.detach()
@@ -102,6 +106,8 @@ def pair(tmp_path_factory):
     (2, 2, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
             "scoring.score_chunk_tokens": 5}),  # logits materialized 5 rows at a time
     (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5}),
+    (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5,
+            "selection.weighting": "inverse_inclusion"}),  # per-token weights through the loss
     # activation recomputation (issue #13) must not change the gradients
     (2, 2, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
             "student.recompute_granularity": "full", "student.recompute_method": "block",
@@ -115,12 +121,14 @@ def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     world = 2 if world == "pp2" else world
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
     # Rank 0 holds the first rows of the global batch; with PP=2 its last stage is rank 1.
-    loss, _, mask, vocab, (rkl_local, valid_local) = results[pp - 1]
+    loss, _, (mask, weights), vocab, (rkl_local, valid_local) = results[pp - 1]
     grads = {}
     for r in results:  # pipeline stages hold disjoint layers
         grads.update(r[1])
     assert 0 < mask.sum() < mask.numel()
-    ref_loss, ref_grads, ref_rkl = _reference(teacher, student, mask, vocab)
+    if selection.get("selection.weighting") == "inverse_inclusion":
+        assert not torch.equal(weights[mask], torch.ones_like(weights[mask]))  # the weights do something
+    ref_loss, ref_grads, ref_rkl = _reference(teacher, student, mask, weights, vocab)
     assert abs(loss - ref_loss) < 1e-6 * max(1.0, ref_loss), (loss, ref_loss)
     for r in results:
         assert abs(r[0] - loss) < 1e-12, "ranks disagree on the loss"

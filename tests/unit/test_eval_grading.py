@@ -6,14 +6,12 @@ import pytest
 
 from megatron_tip.eval.grading import extract_boxed, grade, is_equiv
 
-from tests.helpers.paths import SHARED_DATA as DATA
+from tests.helpers.paths import EVAL_DATA as DATA
 SETS = ["math500", "aime2024", "aime2025"]
 
 
 def load(name: str) -> list[dict]:
     path = DATA / f"{name}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"eval data {path} not found (shared/ must sit beside the repo checkout)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -68,7 +66,9 @@ def test_every_reference_answer_grades_correct_against_itself():
     """All 560 MATH-500/AIME answers, through math-verify (no string shortcut), within budget."""
     rows = [r for name in SETS for r in load(name)]
     t0 = time.time()
-    failed = [r["answer"] for r in rows if not grade(f"Thus \\boxed{{{r['answer']}}}.", r["answer"], string_match=False)]
+    # timeout 30 s per answer: a loaded machine pushes the slowest interval answer past the 5 s default
+    failed = [r["answer"] for r in rows
+              if not grade(f"Thus \\boxed{{{r['answer']}}}.", r["answer"], string_match=False, timeout_seconds=30)]
     assert not failed, f"{len(failed)} reference answers do not grade against themselves: {failed[:10]}"
     assert time.time() - t0 < 90, f"grading 560 answers took {time.time() - t0:.0f}s"
 

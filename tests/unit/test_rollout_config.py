@@ -1,0 +1,76 @@
+"""Rollout-engine constraints fail when the config is read (or, for the machine, when the run is
+built but before any model loads), each with one line naming the key and what is allowed."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_tip.config import load_config
+from megatron_tip.rollout import check_engine
+from megatron_tip.rollout.colocated import check_layout
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ValueError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("level", ["3", "-1", "1.5"])
+def test_sleep_level_range(level):
+    assert "vllm_sleep_level" in _error([f"rollout.vllm_sleep_level={level}"])
+
+
+def test_sleep_level_values_load():
+    for level in (0, 1, 2):
+        assert load_config(None, [f"rollout.vllm_sleep_level={level}"]).rollout.vllm_sleep_level == level
+
+
+@pytest.mark.parametrize("engine", ["megatron", "vllm"])
+def test_greedy_with_several_samples_refused(engine):
+    msg = _error([f"rollout.engine={engine}", "rollout.temperature=0", "rollout.samples_per_prompt=4"])
+    assert "temperature=0" in msg and "samples_per_prompt=4" in msg
+    cfg = load_config(None, ["rollout.temperature=0", "rollout.samples_per_prompt=1"])
+    assert cfg.rollout.temperature == 0
+
+
+def test_vllm_with_pipeline_parallel_refused_at_load():
+    msg = _error(["rollout.engine=vllm", "parallel.pipeline_parallel=2"])
+    assert "rollout.engine=vllm needs parallel.pipeline_parallel=1" in msg and "megatron" in msg
+    assert load_config(None, ["rollout.engine=megatron", "parallel.pipeline_parallel=2"]).parallel.pipeline_parallel == 2
+
+
+def _ctx(**kw):
+    base = dict(rank=0, world_size=1, local_rank=0, tp=1, pp=1, tp_rank=0, tp_group=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_layout_checks(monkeypatch):
+    with pytest.raises(ValueError, match="pipeline_parallel=1"):
+        check_layout(_ctx(pp=2, world_size=2))
+    # TP groups must be consecutive ranks (megatron's default order); a strided group is refused.
+    import megatron_tip.rollout.colocated as colocated
+
+    monkeypatch.setattr(colocated.dist, "get_process_group_ranks", lambda group: [1, 3])
+    with pytest.raises(ValueError, match=r"consecutive ranks.*\[1, 3\]"):
+        check_layout(_ctx(rank=1, world_size=4, tp=2, tp_rank=0))
+    monkeypatch.setattr(colocated.dist, "get_process_group_ranks", lambda group: [2, 3])
+    check_layout(_ctx(rank=3, world_size=4, tp=2, tp_rank=1))
+
+
+def test_check_engine_before_models(monkeypatch):
+    """What build() checks first: nothing for megatron; for vllm the install and, without CUDA, sleep mode."""
+    vllm_cfg = load_config(None, ["rollout.engine=vllm", "rollout.vllm_sleep_level=1"]).rollout
+    check_engine(load_config(None, ["rollout.vllm_sleep_level=1"]).rollout, ctx=_ctx())  # megatron: ignored
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="vllm_sleep_level=1 needs vLLM on CUDA GPUs"):
+            check_engine(vllm_cfg, ctx=_ctx())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match="requirements/cpu-vllm.txt"):
+        check_engine(vllm_cfg, ctx=_ctx())
