@@ -21,9 +21,11 @@ PROPOSED: dict[str, list[str]] = {
     "qwen3_8b_to_4b": [],
     "qwen3_8b_to_1p7b": [],
     "qwen25_14b_to_1p5b": [],
-    # As configured (TP=8 x PP=2, two nodes) it fits, but the megatron engine has no KV cache at
-    # PP>1 (~9 h of rollout per step): TP=8 x PP=1 on one node, full recomputation for headroom.
-    "llama33_70b_to_llama31_8b": ["parallel.pipeline_parallel=1", "student.recompute_granularity=full"],
+    # As configured (TP=8 x PP=2, two nodes, megatron engine) it fits, but the megatron engine has
+    # no KV cache at PP>1 (~9 h of rollout per step). TP=8 x PP=1 fits one node, and PP=1 allows the
+    # vLLM engine with sleep mode as in the Qwen configs; full recomputation for headroom.
+    "llama33_70b_to_llama31_8b": ["parallel.pipeline_parallel=1", "student.recompute_granularity=full",
+                                  "rollout.engine=vllm", "rollout.vllm_sleep_level=1"],
 }
 
 

@@ -139,7 +139,9 @@ def _weight_sync(inp: PlanInputs) -> float:
     total = total_params(s) * DTYPE_BYTES[inp.student_dtype]
     link = EFFICIENCY["link"]
     gather = total * (lay.tp - 1) / lay.tp / (inp.device.nvlink_bytes_s * link)
-    return gather + total / (inp.device.pcie_bytes_s * link) + total / lay.tp / (inp.device.pcie_bytes_s * link)
+    shard = total / lay.tp / (inp.device.pcie_bytes_s * link)
+    sleep = 2 * shard if inp.settings.vllm_sleep_level == 1 else 0.0  # weights to CPU and back every step
+    return gather + total / (inp.device.pcie_bytes_s * link) + shard + sleep
 
 
 def step_time(inp: PlanInputs) -> dict[str, float]:
