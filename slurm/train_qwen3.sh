@@ -83,7 +83,7 @@ CPUS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS / NPROC > 0 ? CPUS / NPROC : 1))}
 
 # Rendezvous on the first node, at the address Slurm itself uses for it.
-FIRST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+FIRST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)   # sed reads all: no SIGPIPE
 MASTER_ADDR=$(scontrol show node -o "$FIRST" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 MASTER_ADDR=${MASTER_ADDR:-$FIRST}
 MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
