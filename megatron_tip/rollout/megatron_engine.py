@@ -42,6 +42,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
 class MegatronEngine:
     """Rollout engine over a (possibly TP/PP-sharded) megatron GPTModel stage."""
 
+    shares_training_weights = True  # samples with the training model itself: nothing to sync
+
     def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
                  micro_batch_size: int = 16) -> None:
         self.model = model
