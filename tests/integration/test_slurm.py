@@ -166,7 +166,7 @@ def test_two_processes_on_one_node(cluster, tmp_path):
     runs, log = tmp_path / "runs", tmp_path / "tp2.out"
     t0 = time.monotonic()
     job = _sbatch(cluster, "--job-name=tip-tp2", f"--output={log}", *CPU_FLAGS, SCRIPT,
-                  "train.steps=2", "parallel.tensor_parallel=2", *TOY,
+                  "train.steps=2", "optim.warmup_steps=1", "parallel.tensor_parallel=2", *TOY,
                   env={"RUN_ROOT": str(runs), "CONFIG": CONFIG, "NPROC_PER_NODE": "2"})
     info = _wait(job, log, timeout=240)
     _check_finished(info, log, runs / f"tip-tp2-{job}", steps=2)   # TP=2 needs both ranks
@@ -180,7 +180,7 @@ def test_two_nodes(cluster, tmp_path):
     runs, log = tmp_path / "runs", tmp_path / "2nodes.out"
     t0 = time.monotonic()
     job = _sbatch(cluster, "--job-name=tip-2nodes", "--nodes=2", f"--output={log}", *CPU_FLAGS, SCRIPT,
-                  "train.steps=2", "parallel.tensor_parallel=2", *TOY,
+                  "train.steps=2", "optim.warmup_steps=1", "parallel.tensor_parallel=2", *TOY,
                   env={"RUN_ROOT": str(runs), "CONFIG": CONFIG})
     info = _wait(job, log, timeout=240)
     _check_finished(info, log, runs / f"tip-2nodes-{job}", steps=2)
