@@ -32,9 +32,11 @@ install() {
   echo "local_cluster: installing slurm-wlm munge (apt)"
   export DEBIAN_FRONTEND=noninteractive
   local pkgs=(slurm-wlm munge)
-  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null; } \
-    || die "apt-get install ${pkgs[*]} failed"
+  mkdir -p "$DIR"
+  local log="$DIR/apt.log"
+  apt-get install -y -q --no-install-recommends "${pkgs[@]}" > "$log" 2>&1 \
+    || { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >> "$log" 2>&1 \
+    || { tail -n 20 "$log" >&2; die "apt-get install ${pkgs[*]} failed (log: $log)"; }
 }
 
 write_conf() {

@@ -7,7 +7,7 @@
 #   sbatch slurm/train_qwen3.sh rollout.engine=vllm                    # vLLM rollouts (PP=1)
 #
 # CPU test partition (no GPUs; the toy pair, 2 cores):
-#   sbatch --gpus-per-node=0 --cpus-per-task=2 --mem=8G --time=00:20:00 \
+#   sbatch --gpus-per-node=0 --cpus-per-task=2 --mem=4G --time=00:20:00 \
 #     --export=ALL,CONFIG=examples/configs/tiny_cpu.yaml slurm/train_qwen3.sh
 #
 # Environment (sbatch passes the submitting shell's environment; or --export=ALL,NAME=value):
