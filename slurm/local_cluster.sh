@@ -11,7 +11,7 @@
 #                      127.0.0.1; each node offers all CPUs (nproc) and 90% of MemTotal, so a
 #                      2-node job shares this machine's cores
 #   LOCAL_SLURM_DIR    state, spool, logs and PID files (default /var/tmp/megatron_tip_slurm)
-# Partition "debug" (default) holds all nodes. AuthInfo=cred_expire=10 lets a requeued job start
+# Partition "debug" (default) holds all nodes. AuthInfo=cred_expire=5 lets a requeued job start
 # again after ~10 s (Slurm's default holds it ~120 s).
 set -euo pipefail
 
@@ -56,7 +56,7 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
