@@ -25,6 +25,7 @@ from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.rollout.packing import PackedBatch, microbatches, pack_rollouts
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
+from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
 from megatron_tip.selection import SelectionResult, select_tokens
 from megatron_tip.validation import at_least
 
@@ -100,7 +101,7 @@ class Trainer:
         per_rank = cfg.train.prompts_per_step // ctx.dp
         prompts = self.p.dataset.batch(step, size=cfg.train.prompts_per_step)
         mine = prompts[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
-        params = cfg.rollout.sampling(seed=cfg.train.seed * 1_000_003 + step * 7919 + ctx.dp_rank,
+        params = cfg.rollout.sampling(seed=derive_seed(cfg.train.seed, ROLLOUT, step, ctx.dp_rank),
                                       stop_token_ids=self.p.stop_ids)
         return mine, self.p.engine.generate([p.ids for p in mine], params)
 
@@ -184,7 +185,7 @@ class Trainer:
         """Accuracy of the student on up to ``limit`` held-out prompts (graded, DP-sharded)."""
         params = SamplingParams(n=samples, temperature=temperature, top_p=1.0,
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                seed=self.cfg.train.seed + 99_991, stop_token_ids=self.p.stop_ids)
+                                seed=derive_seed(self.cfg.train.seed, HELD_OUT), stop_token_ids=self.p.stop_ids)
         return heldout_accuracy(self.p.engine, dataset.prompts[:limit], params, tokenizer=self.p.tokenizer,
                                 ctx=self.ctx)
 

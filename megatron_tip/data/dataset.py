@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_tip.data.jsonl import numbered_problems
+from megatron_tip.seeding import PROMPT_ORDER, derive_seed
 
 
 @dataclass
@@ -55,6 +56,6 @@ class PromptDataset:
         out = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch)))
             out.append(self.prompts[int(order[pos])])
         return out

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.seeding import derive_seed
 from megatron_tip.selection.config import SelectionConfig
 from megatron_tip.selection.scores import batch_stats, classify, normalize, q3_score, soft_or
 from megatron_tip.selection.topk import Comm, distributed_topk_mask, ordered_key
 
-_MASK64 = (1 << 64) - 1
 _ZERO_TIER = -1e200  # Efraimidis–Spirakis keys of h > 0 are >= -3e46: zero weights sort after
 
 
@@ -35,21 +35,6 @@ class SelectionResult:
     scores: torch.Tensor     # fp32: the score the policy used, 0 where invalid
     quadrant: torch.Tensor   # int8: 1..4, 0 where invalid
     metrics: dict[str, float] = field(default_factory=dict)  # global batch, same on all ranks
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def rollout_seed(seed: int, step: int, rollout: int) -> int:
-    """Well-mixed 63-bit seed for one rollout at one step (nearby inputs → unrelated streams)."""
-    h = 0
-    for v in (seed, step, rollout):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h >> 1
 
 
 def per_rollout_uniform(valid: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -135,7 +120,7 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
     h_hat, d_hat = normalize(h, d, valid, st, normalization=config.normalization, group=group)
 
     pol, rho = config.policy, config.keep_ratio
-    seeds = [rollout_seed(config.seed, step, row0 + b) for b in range(B)]
+    seeds = [derive_seed(config.seed, step, row0 + b) for b in range(B)]
     zero = torch.zeros_like(h)
     if pol in ("all", "quadrants"):
         score = soft_or(h_hat, d_hat)
