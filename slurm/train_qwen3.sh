@@ -98,7 +98,7 @@ export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 newest_checkpoint() {
   local d step=-1 s
   for d in "$OUT_DIR"/checkpoints/step_*/trainer_state.json; do
-    [[ -e $d ]] || continue
+    [[ -s $d ]] || continue   # written last, atomically: present and non-empty = complete
     s=${d%/trainer_state.json}; s=${s##*/step_}
     ((10#$s > step)) && step=$((10#$s))
   done
