@@ -56,6 +56,16 @@ def shared_vocab(student: ModelSpec, teacher: ModelSpec, tokenizer, override: Op
     return v
 
 
+def check_sequence_length(cfg: RunConfig, *, student: ModelSpec, teacher: ModelSpec) -> None:
+    """Prompt + response must fit both models' position range (checked before any weight loads)."""
+    need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    for name, spec in (("student", student), ("teacher", teacher)):
+        if need > spec.max_position_embeddings:
+            raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens = {cfg.data.max_prompt_len} + "
+                             f"{cfg.rollout.max_new_tokens} = {need} exceeds the {name}'s "
+                             f"max_position_embeddings={spec.max_position_embeddings}")
+
+
 def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, *, train: bool):
     model = build_gpt_model(spec, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, params_dtype=mc.torch_dtype,
                             padded_vocab_size=padded, per_token_loss=train)
@@ -89,6 +99,7 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     student_spec, teacher_spec = read_spec(cfg.student.path), read_spec(cfg.teacher.path)
     if AutoTokenizer.from_pretrained(tokenizer_dir(cfg.teacher.path)).get_vocab() != tokenizer.get_vocab():
         raise ValueError("teacher and student tokenizers differ: distillation needs one vocabulary")
+    check_sequence_length(cfg, student=student_spec, teacher=teacher_spec)
     vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)

@@ -98,7 +98,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -116,7 +116,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {e}") from None
+        msg = str(e)
+        if msg.split("=", 1)[0] in fields:  # "<field>=<value>: must be ..." -> "<section>.<field>=..."
+            raise ValueError(f"{prefix}{msg}") from None
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {msg}") from None
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
@@ -140,7 +143,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = _read_yaml(p)
     for ov in overrides or []:
         if "=" not in ov:
             raise ValueError(f"override {ov!r} must look like key.sub=value")
@@ -154,6 +157,24 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         cfg.data.prompts = _resolve(cfg.data.prompts, base)
         cfg.eval.prompts = _resolve(cfg.eval.prompts, base)
     return cfg
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The config file as a mapping of sections; ValueError naming the file, line and problem."""
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{p}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{p}: a config file is a mapping of sections (student:, teacher:, ...), "
+                         f"got a {type(tree).__name__}")
+    return tree
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -9,7 +9,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -27,7 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, results, args, kwargs, init_dist: bool, collective_timeout):
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this rank when its parent dies (a killed converter must not leave
+    a rank that goes on to commit output)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker(fn, rank, world_size, port, results, args, kwargs, init_dist: bool, collective_timeout, parent_pid):
+    _die_with_parent(parent_pid)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -91,7 +105,7 @@ def run_distributed(
     procs = [
         _CTX.Process(
             target=_worker,
-            args=(fn, r, world_size, port, results, args, kwargs, init_dist, max(timeout, 10)),
+            args=(fn, r, world_size, port, results, args, kwargs, init_dist, max(timeout, 10), os.getpid()),
             daemon=False,  # ranks may start children (dist_checkpointing writers); we kill on timeout
         )
         for r in range(world_size)
@@ -142,4 +156,5 @@ def run_distributed(
         raise RankFailure("\n".join(msg))
     import torch
 
+    # Results come from our own forked ranks through a pipe (never from a file), so full pickle is fine.
     return [torch.load(io.BytesIO(outs[r][1]), weights_only=False) for r in range(world_size)]

@@ -29,8 +29,28 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def rewind_metrics(path: Path, start_step: int) -> None:
+    """Keep only the lines of steps before ``start_step`` (a resumed run redoes the later ones)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", -1)) < start_step:
+                kept.append(line)
+        except (ValueError, AttributeError):  # a line cut by a crash mid-write
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsLogger:
-    """A fresh run starts a new file; a resumed run appends (the file is the run's history)."""
+    """A fresh run starts a new file; a resumed run continues it from the checkpoint's step.
+
+    Steps logged after the checkpoint by the interrupted invocation are dropped from
+    metrics.jsonl and purged from TensorBoard, so every step appears exactly once.
+    """
 
     def __init__(self, out_dir: str, *, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = True) -> None:
@@ -42,12 +62,15 @@ class MetricsLogger:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(out_dir) / "metrics.jsonl"
+        if start_step > 0:
+            rewind_metrics(self.path, start_step)
         self.file = self.path.open("a" if start_step > 0 else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                # purge_step drops events at or after it that an interrupted invocation wrote.
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step or None)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", dynamic_ncols=True)

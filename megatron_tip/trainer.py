@@ -27,7 +27,7 @@ from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
 from megatron_tip.selection import SelectionResult, select_tokens
-from megatron_tip.validation import at_least
+from megatron_tip.validation import at_least, in_range
 
 if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
     from megatron_tip.build import Built
@@ -43,11 +43,13 @@ class TrainConfig:
     prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
     micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes
     seed: int = 1234
+    max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
 
     def __post_init__(self) -> None:
         at_least("steps", self.steps, 1)
         at_least("prompts_per_step", self.prompts_per_step, 1)
         at_least("micro_batch_size", self.micro_batch_size, 1)
+        in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
 class Trainer:

@@ -41,7 +41,7 @@ def _measure(rank, world, args, root, rho):
     policy = "all" if rho >= 1.0 else "topk"
     cfg = load_config(None, [
         f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
-        f"data.prompts={REPO / 'examples/toy/data/train.jsonl'}", f"scoring.vocab_size={args.vocab}",
+        f"data.prompts={REPO / 'examples/toy/data/train.jsonl'}", f"scoring.vocab_size={args.vocab}", "data.max_prompt_len=32",
         f"train.micro_batch_size={args.micro_batch}", f"selection.policy={policy}",
         f"selection.keep_ratio={rho}", "log.tensorboard=false", f"run.out_dir={root / 'run'}"])
     ctx = init_parallel(1)

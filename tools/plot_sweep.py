@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from megatron_tip.checkpoint.safe_load import load_tensors  # noqa: E402
 from sweep_tip import POLICIES  # noqa: E402  (same folder: the grid's policy order)
 
 
@@ -106,7 +107,7 @@ def plot_cost(rows: list[dict], out: Path) -> Path:
 
 
 def plot_hist(stats_file: Path, out: Path, *, title: str) -> Path:
-    d = torch.load(stats_file, weights_only=False)
+    d = load_tensors(stats_file)  # tensors and plain data only: dumps may come from elsewhere
     h, kl, kept = d["norm_entropy"].float(), d["reverse_kl"].float(), d["kept"].bool()
     logkl = torch.log10(kl.clamp_min(1e-8))
     fig, ax = plt.subplots(figsize=(6, 5))

@@ -1,12 +1,14 @@
 """Checkpoints and run directories: the only package that knows their on-disk format."""
 from megatron_tip.checkpoint.layout import (
-    CheckpointExistsError, complete_checkpoints, is_hf_dir, is_megatron_checkpoint, read_checkpoint_info,
+    CheckpointExistsError, is_hf_dir, is_megatron_checkpoint, read_checkpoint_info,
     read_spec, tokenizer_dir,
 )
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, load_weights, save_megatron_checkpoint
+from megatron_tip.checkpoint.safe_load import UnsafeCheckpointError
+from megatron_tip.checkpoint.training import complete_checkpoints
 
 __all__ = [
-    "CheckpointExistsError", "complete_checkpoints", "is_hf_dir", "is_megatron_checkpoint",
+    "CheckpointExistsError", "UnsafeCheckpointError", "complete_checkpoints", "is_hf_dir", "is_megatron_checkpoint",
     "load_megatron_checkpoint", "load_weights", "read_checkpoint_info", "read_spec",
     "save_megatron_checkpoint", "tokenizer_dir",
 ]

@@ -91,6 +91,20 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool) -> None:
                                     f"pass --overwrite to replace it")
 
 
+def check_separate(source: str | os.PathLike, out: str | os.PathLike) -> None:
+    """ValueError when ``out`` is ``source``, lies inside it or contains it (an overwrite would delete the source)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise ValueError(f"output {str(out)!r} overlaps the input {str(source)!r} (same directory, inside it, "
+                         f"or containing it): choose an output directory outside the input")
+
+
+def stale_temp_dirs(path: str | os.PathLike) -> list[Path]:
+    """Leftover ``.<name>.tmp`` dirs beside ``path`` (from killed conversions or saves)."""
+    parent = Path(path).absolute().parent
+    return sorted(p for p in parent.glob(".*.tmp") if p.is_dir()) if parent.is_dir() else []
+
+
 def temp_dir_for(path: str | os.PathLike) -> Path:
     """Deterministic scratch dir beside ``path`` (same filesystem, so rename is atomic)."""
     p = Path(path).absolute()
@@ -139,17 +153,7 @@ def optim_file(ckpt: str | os.PathLike, rank: int) -> Path:
     return Path(ckpt) / f"optim_rank{rank:05d}.pt"
 
 
-def is_complete(ckpt: str | os.PathLike) -> bool:
-    """A trainer checkpoint is complete once its trainer_state.json (written last) exists."""
-    return (Path(ckpt) / TRAINER_STATE).is_file()
-
-
 def step_dirs(out_dir: str | os.PathLike) -> list[Path]:
     """Every step_* dir of a run, oldest first (complete or not)."""
     root = checkpoints_root(out_dir)
     return sorted(root.glob("step_*")) if root.is_dir() else []
-
-
-def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete trainer checkpoints of a run, oldest first."""
-    return [p for p in step_dirs(out_dir) if is_complete(p)]

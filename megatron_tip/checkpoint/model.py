@@ -19,6 +19,7 @@ from megatron_tip.checkpoint.layout import (
     FORMAT, HF_DIR, META_FILE, MODEL_DIR, SPEC_FILE, check_output_dir, commit_dir, copy_hf_aux_files,
     is_hf_dir, read_checkpoint_info, temp_dir_for,
 )
+from megatron_tip.checkpoint.safe_load import verify_dist_checkpoint
 from megatron_tip.models.spec import ModelSpec
 
 
@@ -105,6 +106,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
     spec, meta = read_checkpoint_info(ckpt_dir)
     vocab = vocab_size or spec.vocab_size
     model_dir = str(Path(ckpt_dir) / MODEL_DIR)
+    verify_dist_checkpoint(model_dir)  # megatron/torch read these pickles unrestricted
     sharded = model.sharded_state_dict()
     fixups = _vocab_fixups(sharded, model_dir)
     state = dist_checkpointing.load(sharded, model_dir)

@@ -1,43 +1,159 @@
-"""Trainer checkpoints: save, find the newest complete one, resume, drop partial ones.
+"""Run directories and trainer checkpoints: identity, save, resume, cleanup.
+
+A run directory belongs to one run: ``run.json`` (written when the run starts) holds a run id and
+the fingerprint of every config value that shapes training. Resuming verifies the fingerprint,
+so a run never continues from another run's checkpoints; a fresh run into a directory that holds
+another run is refused unless ``run.overwrite`` says to replace it.
 
 A trainer checkpoint is a megatron checkpoint dir (student weights, any layout) plus per-rank
-optimizer/scheduler state and ``trainer_state.json``, written last (see ``checkpoint.layout``).
+optimizer/scheduler state and ``trainer_state.json``, written last and atomically (see
+``checkpoint.layout``); a checkpoint whose state file is missing or unreadable is incomplete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_tip.checkpoint.layout import (
-    TRAINER_STATE, complete_checkpoints, is_complete, optim_file, step_dir, step_dirs,
+    CHECKPOINTS_DIR, TRAINER_STATE, optim_file, step_dir, step_dirs,
 )
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_tip.checkpoint.safe_load import load_tensors
 from megatron_tip.models.spec import ModelSpec
+from megatron_tip.validation import at_least, one_of
+
+RUN_FILE = "run.json"
+RESUME_MODES = ("false", "true", "auto")
+# Written by a run into its directory; removed when run.overwrite replaces the run.
+RUN_OUTPUTS = (RUN_FILE, CHECKPOINTS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.json")
+# Config sections/keys that may change between invocations of one run (where and how it is
+# written, how it is evaluated); everything else is part of the run's identity.
+_VOLATILE = ("run", "log", "eval")
 
 
 @dataclass
 class RunDirConfig:
-    """Where a run writes (``run.out_dir``) and how it checkpoints and resumes."""
+    """The ``run`` config section: where a run writes and how it checkpoints and resumes.
+
+    resume: false = start a new run (refused if out_dir holds another run, unless overwrite);
+    true = continue this run from its newest complete checkpoint (error if there is none);
+    auto = continue if out_dir holds a checkpoint of this run, else start (what schedulers use).
+    """
 
     out_dir: str = "runs/default"
-    resume: bool = False  # continue from the newest complete checkpoint under out_dir
+    resume: str = "false"
+    overwrite: bool = False  # with resume=false: replace whatever run out_dir holds
     save_every: int = 0  # 0: save only at the end
     exit_interval: int = 0  # >0: checkpoint and exit after this many steps in this invocation
 
+    def __post_init__(self) -> None:
+        self.resume = str(self.resume).lower()
+        one_of("resume", self.resume, RESUME_MODES)
+        at_least("save_every", self.save_every, 0)
+        at_least("exit_interval", self.exit_interval, 0)
+        if not self.out_dir:
+            raise ValueError("out_dir is empty: name the run directory")
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the config values that shape training (all but the run/log/eval sections)."""
+    core = {k: v for k, v in config.items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in _VOLATILE and not prefix:
+            continue
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
+
+
+def read_trainer_state(ckpt: Path) -> Optional[dict]:
+    """The checkpoint's trainer state, or None when it is missing or unreadable (incomplete)."""
+    try:
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """(dir, trainer state) of the complete checkpoints of a run, oldest first."""
+    out = []
+    for p in step_dirs(out_dir):
+        state = read_trainer_state(p)
+        if state is not None:
+            out.append((p, state))
+    return out
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bool]:
+    """Rank 0, before anything is written: decide fresh start vs resume and claim the directory.
+
+    Returns (run record, resume?). Raises ValueError naming the problem when the directory holds
+    another run (fresh run without overwrite, or a resume whose config differs).
+    """
+    out = Path(cfg.out_dir)
+    run_file = out / RUN_FILE
+    fingerprint = config_fingerprint(config)
+    record = json.loads(run_file.read_text()) if run_file.is_file() else None
+    has_ckpts = bool(complete_checkpoints(out))
+    if cfg.resume in ("true", "auto") and (record is not None or has_ckpts):
+        if record is None:
+            raise ValueError(f"{out} holds checkpoints but no {RUN_FILE} (another or an older run): "
+                             f"start a new run elsewhere, or pass run.resume=false run.overwrite=true to replace it")
+        if record.get("fingerprint") != fingerprint:
+            diff = _differences(record.get("config", {}), config)
+            raise ValueError(f"{out} belongs to run {record.get('run_id')} with another config "
+                             f"({'; '.join(diff[:5]) or 'fingerprint differs'}): resume with the same config "
+                             f"or start a new run in another run.out_dir")
+        if cfg.resume == "true" and not has_ckpts:
+            raise FileNotFoundError(f"run.resume=true but no complete checkpoint under {out / CHECKPOINTS_DIR}")
+        return record, has_ckpts
+    if cfg.resume == "true":
+        raise FileNotFoundError(f"run.resume=true but no complete checkpoint under {out / CHECKPOINTS_DIR}")
+    taken = [name for name in RUN_OUTPUTS if (out / name).exists()] if cfg.resume == "false" else []
+    if taken and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(taken)}): pass run.resume=auto to continue it, "
+                         f"run.overwrite=true to replace it, or choose another run.out_dir")
+    for name in taken:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    record = {"run_id": uuid.uuid4().hex[:12], "fingerprint": fingerprint,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_file, record)
+    return record, False
+
 
 def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module, optimizer: Any,
-                             scheduler: Any, spec: ModelSpec, ctx: Any, hf_dir: str) -> Path:
+                             scheduler: Any, spec: ModelSpec, ctx: Any, hf_dir: str, run_id: str) -> Path:
     """Collective: student weights (dist_checkpointing) + optimizer/scheduler + step, atomically."""
     final = step_dir(out_dir, step)
     save_megatron_checkpoint(model, final, spec=spec, tp=ctx.tp, pp=ctx.pp, hf_dir=hf_dir,
-                             overwrite=True, extra_metadata={"step": step})
+                             overwrite=True, extra_metadata={"step": step, "run_id": run_id})
     # Optimizer state per rank (same layout on resume), written beside, then the marker.
     target = optim_file(final, ctx.rank)
     tmp = target.with_name(target.name + ".tmp")
@@ -45,8 +161,8 @@ def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module,
     os.replace(tmp, target)
     dist.barrier()
     if ctx.rank == 0:
-        (final / TRAINER_STATE).write_text(json.dumps(
-            {"step": step, "world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp}))
+        _write_json_atomic(final / TRAINER_STATE, {"step": step, "world_size": ctx.world_size, "tp": ctx.tp,
+                                                   "pp": ctx.pp, "run_id": run_id})
     dist.barrier()
     return final
 
@@ -56,21 +172,25 @@ def resume_training(out_dir: str, *, model: torch.nn.Module, optimizer: Any, sch
     """Load the newest complete checkpoint under ``out_dir``; returns the next step to run."""
     done = complete_checkpoints(out_dir)
     if not done:
-        raise FileNotFoundError(f"run.resume=true but no complete checkpoint under {step_dir(out_dir, 0).parent}")
-    ckpt = done[-1]
-    state = json.loads((ckpt / TRAINER_STATE).read_text())
+        raise FileNotFoundError(f"no complete checkpoint under {Path(out_dir) / CHECKPOINTS_DIR}")
+    ckpt, state = done[-1]
     if (state["world_size"], state["tp"], state["pp"]) != (ctx.world_size, ctx.tp, ctx.pp):
         raise ValueError(f"checkpoint {ckpt} was written at world={state['world_size']} tp={state['tp']} "
                          f"pp={state['pp']}; resume needs the same layout (optimizer state is per rank)")
     load_megatron_checkpoint(model, ckpt, vocab_size=spec.vocab_size)
-    opt = torch.load(optim_file(ckpt, ctx.rank), weights_only=False)
+    opt = load_tensors(optim_file(ckpt, ctx.rank))
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if ctx.rank == 0:
+        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     return int(state["step"]) + 1
 
 
 def remove_incomplete_checkpoints(out_dir: str) -> None:
-    """Drop step dirs without trainer_state.json (a run killed mid-save)."""
+    """Drop step dirs without a readable trainer_state.json and stale temp dirs (a run killed mid-save)."""
     for p in step_dirs(out_dir):
-        if not is_complete(p):
+        if read_trainer_state(p) is None:
             shutil.rmtree(p, ignore_errors=True)
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    for tmp in root.glob(".step_*.tmp") if root.is_dir() else []:  # checkpoint.layout.temp_dir_for
+        shutil.rmtree(tmp, ignore_errors=True)

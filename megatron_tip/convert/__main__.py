@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
 
@@ -33,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("hf-to-megatron", help="HF checkpoint dir -> megatron checkpoint dir")
     a.add_argument("--hf-dir", required=True)
     a.add_argument("--out", required=True)
-    a.add_argument("--tp", type=int, default=1)
-    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--tp", type=positive_int, default=1)
+    a.add_argument("--pp", type=positive_int, default=1)
     a.add_argument("--dtype", default="auto", help="auto (HF config dtype) | fp32 | bf16 | fp16")
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("megatron-to-hf", help="megatron checkpoint dir -> HF checkpoint dir")
@@ -47,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="compare an HF model with its megatron conversion by logits")
     c.add_argument("--hf-dir", required=True)
     c.add_argument("--megatron-dir", required=True)
-    c.add_argument("--tp", type=int, default=1)
-    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--tp", type=positive_int, default=1)
+    c.add_argument("--pp", type=positive_int, default=1)
     c.add_argument("--tol", type=float, default=1e-4)
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seq", type=int, default=32)
@@ -62,6 +63,10 @@ def _check(args: argparse.Namespace) -> int:
     from megatron_tip.checkpoint import read_checkpoint_info
     from megatron_tip.convert.verify import compare_logits, hf_logits, megatron_checkpoint_logits
 
+    from megatron_tip.checkpoint import is_hf_dir
+
+    if not is_hf_dir(args.hf_dir):
+        raise FileNotFoundError(f"--hf-dir {args.hf_dir!r}: no config.json there (not an HF checkpoint directory)")
     spec, _ = read_checkpoint_info(args.megatron_dir)
     ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(args.seed))
@@ -74,12 +79,35 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
+def _report_stale(out: str) -> None:
+    """Temp dirs of killed conversions beside the output: say where they are and how big."""
+    from megatron_tip.checkpoint.layout import stale_temp_dirs, temp_dir_for
+
+    own = temp_dir_for(out)
+    for d in stale_temp_dirs(out):
+        if d != own:
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            print(f"[convert] note: {d} ({size / 2**20:.0f} MiB) is left over from an interrupted "
+                  f"conversion or save; delete it if nothing is running", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from megatron_tip.convert.run import hf_to_megatron, megatron_to_hf
     from megatron_tip.launch import RankFailure
 
+    # SIGTERM unwinds like an error: worker ranks are killed and the temp output is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
+        if args.cmd != "check":
+            _report_stale(args.out)
         if args.cmd == "check":
             return _check(args)
         if args.cmd == "hf-to-megatron":

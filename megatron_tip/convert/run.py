@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_tip.checkpoint.layout import (
-    HF_DIR, check_output_dir, commit_dir, copy_hf_aux_files, is_hf_dir, read_checkpoint_info, read_spec,
+    HF_DIR, check_output_dir, check_separate, commit_dir, copy_hf_aux_files, is_hf_dir, read_checkpoint_info, read_spec,
     temp_dir_for,
 )
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
@@ -82,6 +82,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
     spec = read_hf_spec(hf_dir)
     check_hf_checkpoint(HFCheckpointReader(hf_dir), spec)
     check_model_parallel(spec, tp=tp, pp=pp)
+    check_separate(hf_dir, out)
     check_output_dir(out, overwrite=overwrite)
     torch_dtype = resolve_dtype(dtype, spec)
     args = (str(hf_dir), str(out), tp, pp, torch_dtype, overwrite)
@@ -126,6 +127,7 @@ def megatron_to_hf(megatron_dir: str | os.PathLike, out: str | os.PathLike, *, o
     ``dtype`` "auto": the HF config's dtype, else the checkpoint's parameter dtype.
     """
     spec, _ = read_checkpoint_info(megatron_dir)
+    check_separate(megatron_dir, out)
     check_output_dir(out, overwrite=overwrite)
     torch_dtype = None if dtype == "auto" and hf_dtype(spec) is None else resolve_dtype(dtype, spec)
     tmp = temp_dir_for(out)

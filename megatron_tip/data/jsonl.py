@@ -10,8 +10,13 @@ def _numbered_rows(path: str | Path, what: str) -> list[tuple[int, object]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

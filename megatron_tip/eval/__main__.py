@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 from pathlib import Path
 import time
 
@@ -42,22 +45,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.samples < 1:
-        ap.error("--samples must be >= 1")
+    for name, value in (("--samples", args.samples), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            ap.error(f"{name}={value}: must be >= 1")
+    if args.temperature < 0:
+        ap.error(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
     if not 0.0 < args.top_p <= 1.0:
-        ap.error("--top-p must be in (0, 1]")
+        ap.error(f"--top-p={args.top_p}: must be in (0, 1]")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    try:
+        problems = read_problems(args.data, limit=args.limit, what="data file")  # before any model loads
+        with tempfile.TemporaryDirectory(prefix="megatron_tip_eval_") as scratch:  # removed on any exit
+            return _evaluate(args, problems, export_dir=Path(scratch) / "hf")
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("MEGATRON_TIP_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _evaluate(args: argparse.Namespace, problems: list[dict], *, export_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import tempfile
-
-    export_dir = Path(tempfile.mkdtemp(prefix="megatron_tip_eval_")) / "hf"
     model_dir = check_hf_dir(args.model, export_to=export_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -65,19 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
     thinking = None if args.enable_thinking is None else args.enable_thinking == "true"
     fmt = resolve_format(tokenizer, fmt=args.prompt_format, model_dir=model_dir,
                          instruction=args.instruction, enable_thinking=thinking)
-    problems = read_problems(args.data, limit=args.limit, what="data file")
     gen = make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               add_special_tokens=fmt.add_special_tokens, progress=not args.no_progress)
     t0 = time.time()
     rows, summary = evaluate(problems, gen, samples=args.samples, tokenizer=tokenizer, fmt=fmt,
                              progress=not args.no_progress)
-    summary.update(model=str(model_dir), data=str(args.data), temperature=args.temperature, top_p=args.top_p,
+    summary.update(model=str(args.model), data=str(args.data), temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, seed=args.seed, seconds=round(time.time() - t0, 1))
     if args.out:
         out, summary_path = write_results(rows, summary, args.out)
         print(f"wrote {out} and {summary_path}")
-    print_summary(summary, title=f"{model_dir.name} on {args.data}")
+    print_summary(summary, title=f"{Path(args.model).name} on {args.data}")
     return summary
 
 

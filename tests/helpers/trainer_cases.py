@@ -23,7 +23,7 @@ def make_pair(root: Path) -> tuple[Path, Path]:
 def overrides(root: Path, teacher: Path, student: Path, **extra) -> list[str]:
     base = {
         "student.path": student, "teacher.path": teacher, "data.prompts": PROMPTS,
-        "rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 8,
+        "data.max_prompt_len": 64, "rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 8,
         "optim.lr": 1e-3, "train.steps": 2, "train.prompts_per_step": 4,
         "train.micro_batch_size": 4, "run.out_dir": root / "run", "log.tensorboard": False,
     }

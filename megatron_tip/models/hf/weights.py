@@ -58,13 +58,20 @@ class HFCheckpointReader:
         from safetensors import safe_open
 
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.dir / fname), framework="pt", device="cpu")
+            try:
+                self._handles[fname] = safe_open(str(self.dir / fname), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError has no stable import path; name the file
+                raise ValueError(f"{self.dir / fname}: not a valid safetensors file ({e})") from None
         return self._handles[fname]
 
     def _bin(self, fname: str) -> dict:
         if fname not in self._bins:
-            self._bins[fname] = torch.load(self.dir / fname, map_location="cpu", mmap=True,
-                                           weights_only=True)
+            from megatron_tip.checkpoint.safe_load import load_tensors
+
+            try:
+                self._bins[fname] = load_tensors(self.dir / fname)
+            except (RuntimeError, EOFError) as e:  # truncated or not a torch file
+                raise ValueError(f"{self.dir / fname}: not a valid PyTorch weights file ({e})") from None
         return self._bins[fname]
 
     def keys(self) -> list[str]:
@@ -80,7 +87,14 @@ class HFCheckpointReader:
         if name not in self.weight_map:
             raise KeyError(f"HF checkpoint {str(self.dir)!r} lacks tensor {name!r}")
         f = self.weight_map[name]
-        return self._open(f).get_tensor(name) if f.endswith(".safetensors") else self._bin(f)[name]
+        if not f.endswith(".safetensors"):
+            return self._bin(f)[name]
+        try:
+            return self._open(f).get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as e:  # truncated data behind a valid header
+            raise ValueError(f"{self.dir / f}: cannot read tensor {name!r} ({e})") from None
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self.weight_map:
