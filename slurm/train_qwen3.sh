@@ -27,11 +27,12 @@
 #   VENV            virtualenv to activate          (optional; pip install -e .[vllm,te])
 #
 # Preemption: Slurm sends USR1 five minutes before the time limit (--signal=B:USR1@300); USR1 or
-# SIGTERM to this script (scancel --signal=USR1 --batch JOB), or USR1/SIGTERM to the job's steps
-# (scancel --signal=USR1 JOB), makes every training process finish its step, save a checkpoint and
-# exit. The job then requeues itself if a checkpoint newer than at its start exists, the job is
-# still running (a scancel stays a cancel) and it was requeued fewer than MAX_REQUEUES times; the
-# requeued job (same id, same run directory) resumes from the newest complete checkpoint.
+# SIGTERM to this script (scancel --signal=USR1 --batch JOB) makes every training process finish its
+# step, save a checkpoint and exit (so does USR1/SIGTERM to the job's steps, scancel --signal=USR1
+# JOB, but that reaches every process of the step, helpers of the training processes too). The job
+# then requeues itself if a checkpoint newer than at its start exists, the job is still running (a
+# scancel stays a cancel) and it was requeued fewer than MAX_REQUEUES times; the requeued job (same
+# id, same run directory) resumes from the newest complete checkpoint.
 #SBATCH --job-name=tip-qwen3
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -89,10 +90,12 @@ MASTER_ADDR=${MASTER_ADDR:-$FIRST}
 MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export MASTER_ADDR MASTER_PORT
 export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 PYTHONUNBUFFERED=1
-# torchrun must outlive the training processes' checkpoint save: it ignores USR1 and SIGTERM (the
-# disposition set below survives exec; PET_SIGNALS_TO_HANDLE keeps torchrun from handling SIGTERM
-# itself) while each training process saves and exits on either.
+# torchrun must outlive the training processes' checkpoint save: it runs with USR1 and SIGTERM
+# ignored (PET_SIGNALS_TO_HANDLE keeps recent torchrun from handling SIGTERM itself) while each
+# training process saves and exits on either. Its PID goes to a node-local file so that a stop
+# request reaches exactly its children, the training processes.
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+PID_PREFIX=/tmp/megatron_tip-$SLURM_JOB_ID
 
 # Newest complete checkpoint step of this run (-1: none).
 newest_checkpoint() {
@@ -108,11 +111,19 @@ START_CKPT=$(newest_checkpoint)
 
 SRUN_PID=""
 SIGNALLED=""
+# USR1 to the training processes only (torchrun's children), on every node, through a second step.
+# Not `kill -USR1 $SRUN_PID`: srun forwards a signal to every process of the step, and helper
+# processes of the training ranks (checkpoint writers, vLLM engines) die of USR1.
+signal_training() {
+  srun --overlap --nodes="$SLURM_NNODES" --ntasks-per-node=1 bash -c '
+    for f in "$0"-*.torchrun.pid; do
+      if [[ -s $f ]]; then pkill -USR1 -P "$(cat "$f")" || true; fi
+    done' "$PID_PREFIX" || log "could not reach the training processes (srun --overlap failed)"
+}
 stop_training() {   # USR1 or SIGTERM to this script: ask every training process to save and exit
   SIGNALLED=$1
   log "SIG$1: asking the training processes to save a checkpoint and stop"
-  # srun forwards USR1 to every process of the step (it answers SIGTERM with SIGKILL).
-  if [[ -n $SRUN_PID ]]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi
+  if [[ -n $SRUN_PID ]]; then signal_training; fi
 }
 trap 'stop_training USR1' USR1
 trap 'stop_training TERM' TERM
@@ -124,7 +135,8 @@ if [[ -n ${STUDENT:-} ]]; then OVERRIDES+=(student.path="$STUDENT"); fi
 if [[ -n ${TEACHER:-} ]]; then OVERRIDES+=(teacher.path="$TEACHER"); fi
 if [[ -n ${PROMPTS:-} ]]; then OVERRIDES+=(data.prompts="$PROMPTS"); fi
 srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" \
-  bash -c 'trap "" USR1 TERM; exec "$@"' torchrun torchrun \
+  bash -c 'trap "" USR1 TERM; "$@" & echo $! > "$0-$SLURM_PROCID.torchrun.pid"
+    wait $!; rc=$?; rm -f "$0-$SLURM_PROCID.torchrun.pid"; exit $rc' "$PID_PREFIX" torchrun \
   --nnodes "$SLURM_NNODES" --nproc-per-node "$NPROC" \
   --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
   -m megatron_tip.train --config "$CONFIG" "${OVERRIDES[@]}" "$@" &
@@ -134,7 +146,7 @@ SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2>/dev/null; do
   if [[ -z $SIGNALLED ]]; then wait "$SRUN_PID" || true; continue; fi
   for ((i = 0; i < 30; i++)); do kill -0 "$SRUN_PID" 2>/dev/null && sleep 1; done
-  kill -USR1 "$SRUN_PID" 2>/dev/null || true
+  if kill -0 "$SRUN_PID" 2>/dev/null; then signal_training; fi
 done
 rc=0; wait "$SRUN_PID" || rc=$?   # bash keeps the status of a reaped child
 if ((rc == 0)); then log "training finished"; exit 0; fi

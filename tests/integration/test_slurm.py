@@ -157,6 +157,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, uninterrupt
     assert int(info["Restarts"]) == 1 and f"requeued job {job} (restart 1 of" in text
     # The requeued start names the checkpoint it resumes from.
     assert re.search(rf"job={job} restarts=1 .* newest checkpoint={step}\b", text), _tail(log)
+    assert f"resuming from {run_dir}/checkpoints/step_{step:06d} (step {step})" in text, _tail(log)
     assert losses == [r["loss"] for r in _metrics(uninterrupted["run_dir"])]   # same seed: bit-identical
     print(f"job {job}: USR1 after checkpoint {first}, saved at step {step}, requeued, COMPLETED in "
           f"{time.monotonic() - t0:.0f} s")

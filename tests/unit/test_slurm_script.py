@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train_qwen3.sh"
 
-# srun: record argv and the launch environment, optionally write a complete checkpoint, exit STUB_RC.
+# srun: record argv and the launch environment; the training step (no --overlap) optionally sleeps
+# STUB_SLEEP s, writes a complete checkpoint and exits STUB_RC.
 SRUN = r"""#!/bin/bash
 python3 - "$@" <<'EOF'
 import json, os, sys
@@ -21,6 +24,8 @@ keys = ("OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT", "PET_SIGNALS_TO_HANDLE"
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({"srun": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}) + "\n")
 EOF
+[[ " $* " == *" --overlap "* ]] && exit 0
+sleep "${STUB_SLEEP:-0}"
 if [[ -n ${STUB_NEW_CKPT:-} ]]; then
   mkdir -p "$STUB_NEW_CKPT" && echo '{}' > "$STUB_NEW_CKPT/trainer_state.json"
 fi
@@ -39,6 +44,17 @@ esac
 
 def _run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list]:
     """Run the script as Slurm would on the batch node; returns the process and the stub calls."""
+    full_env, log = _env(tmp_path, **env)
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    return proc, _calls(log)
+
+
+def _torchrun_args(srun_argv: list[str]) -> list[str]:
+    return srun_argv[srun_argv.index("torchrun", srun_argv.index("-c") + 2):]
+
+
+def _env(tmp_path: Path, **env: str) -> tuple[dict, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
@@ -50,15 +66,12 @@ def _run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedPr
             "STUB_LOG": str(log), "RUN_ROOT": str(tmp_path / "runs"), "CONFIG": "examples/configs/tiny_cpu.yaml",
             "SLURM_JOB_ID": "123", "SLURM_JOB_NAME": "tip", "SLURM_JOB_NODELIST": "node-[a-b]",
             "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16"}
-    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env={**base, **env},
-                          capture_output=True, text=True, timeout=60)
-    calls = [json.loads(line) if line.startswith("{") else line.strip()
-             for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
+    return {**base, **env}, log
 
 
-def _torchrun_args(srun_argv: list[str]) -> list[str]:
-    return srun_argv[srun_argv.index("torchrun", srun_argv.index("-c") + 2):]
+def _calls(log: Path) -> list:
+    return [json.loads(line) if line.startswith("{") else line.strip()
+            for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -71,8 +84,10 @@ def test_gpu_launch_line(tmp_path):
     (call,) = calls
     srun = call["srun"]
     assert "--cpus-per-task=16" in srun and "--ntasks-per-node=1" in srun and "--nodes=2" in srun
-    # torchrun runs behind a wrapper that ignores USR1/TERM (training processes handle them).
-    assert srun[srun.index("-c") + 1].startswith('trap "" USR1 TERM; exec')
+    # torchrun runs behind a wrapper that ignores USR1/TERM (training processes handle them) and
+    # records torchrun's PID in a node-local file.
+    assert srun[srun.index("-c") + 1].startswith('trap "" USR1 TERM; "$@" & echo $! > "$0-$SLURM_PROCID')
+    assert srun[srun.index("-c") + 2] == "/tmp/megatron_tip-123"
     tr = _torchrun_args(srun)
     assert _flag(tr, "--nproc-per-node") == "8"          # typed request h100:8
     assert _flag(tr, "--nnodes") == "2"
@@ -130,3 +145,24 @@ def test_requeue_decision(tmp_path, case, env, requeued, rc):
     assert proc.returncode == rc, (case, proc.stdout, proc.stderr)
     assert ("requeue 123" in calls) == requeued, (case, proc.stdout)
     assert "newest checkpoint=1" in proc.stdout
+
+
+def test_usr1_reaches_only_the_training_processes(tmp_path):
+    """USR1 to the batch script: a second step (srun --overlap, every node) signals torchrun's
+    children from the PID files; srun itself is not signalled (it would signal every process)."""
+    env, log = _env(tmp_path, STUB_SLEEP="3", STUB_RC="75")
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not _calls(log):          # the training step has started
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    train, stop = _calls(log)[:2]
+    assert "--overlap" not in train["srun"]
+    argv = stop["srun"]
+    assert argv[:4] == ["--overlap", "--nodes=2", "--ntasks-per-node=1", "bash"]
+    assert 'pkill -USR1 -P "$(cat "$f")"' in argv[5] and argv[6] == "/tmp/megatron_tip-123"
+    assert "SIGUSR1: asking the training processes to save a checkpoint and stop" in out
+    assert "training stopped (srun exit 75, SIGUSR1)" in out and proc.returncode == 75, (out, err)
