@@ -25,6 +25,9 @@ CONFIG = "examples/configs/tiny_cpu.yaml"
 CPU_FLAGS = ["--gpus-per-node=0", "--cpus-per-task=2", "--mem=4G", "--time=00:10:00"]
 # Few, smaller steps; a checkpoint every 2 steps; no held-out eval.
 TOY = ["train.prompts_per_step=8", "train.micro_batch_size=8", "run.save_every=2", "eval.prompts="]
+# Generous waits (a 6-step job takes ~30 s on an idle 2-core machine, ~10x longer on a loaded one);
+# each test stays under CI's 600 s pytest timeout.
+JOB_WAIT_S = 360
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "PREEMPTED"}
 
@@ -118,7 +121,7 @@ def uninterrupted(cluster, tmp_path_factory):
     job = _sbatch(cluster, "--job-name=tip-slurm-test", *CPU_FLAGS, f"--export=ALL,CONFIG={CONFIG}",
                   SCRIPT, "train.steps=6", *TOY, env={"RUN_ROOT": str(runs)})
     log = REPO / "logs" / f"tip-slurm-test-{job}.out"     # the script's default output path
-    info = _wait(job, log, timeout=240)
+    info = _wait(job, log, timeout=JOB_WAIT_S)
     yield {"job": job, "info": info, "log": log, "run_dir": runs / f"tip-slurm-test-{job}",
            "seconds": time.monotonic() - t0, "text": log.read_text(errors="replace") if log.exists() else ""}
     log.unlink(missing_ok=True)
@@ -139,15 +142,15 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, uninterrupt
     job = _sbatch(cluster, "--job-name=tip-preempt", f"--output={log}", *CPU_FLAGS, SCRIPT, "train.steps=6", *TOY,
                   env={"RUN_ROOT": str(runs), "CONFIG": CONFIG})
     run_dir = runs / f"tip-preempt-{job}"
-    end = time.monotonic() + 180
+    end = time.monotonic() + 200
     while not _complete_steps(run_dir):
         assert _job(job).get("JobState") not in FINAL, f"ended before its first checkpoint:\n{_tail(log)}"
-        assert time.monotonic() < end, f"no checkpoint after 180 s:\n{_tail(log)}"
+        assert time.monotonic() < end, f"no checkpoint after 200 s:\n{_tail(log)}"
         time.sleep(0.5)
     first = _complete_steps(run_dir)[0]
     # What Slurm does before the time limit (--signal=B:USR1@300): USR1 to the batch script.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
-    info = _wait(job, log, timeout=240)
+    info = _wait(job, log, timeout=JOB_WAIT_S)
     text = log.read_text(errors="replace")
     losses = _check_finished(info, log, run_dir, steps=6)
     saved = re.search(r"preempted at step (\d+) \(SIGUSR1\): checkpoint saved to", text)
@@ -169,7 +172,7 @@ def test_two_processes_on_one_node(cluster, tmp_path):
     job = _sbatch(cluster, "--job-name=tip-tp2", f"--output={log}", *CPU_FLAGS, SCRIPT,
                   "train.steps=2", "optim.warmup_steps=1", "parallel.tensor_parallel=2", *TOY,
                   env={"RUN_ROOT": str(runs), "CONFIG": CONFIG, "NPROC_PER_NODE": "2"})
-    info = _wait(job, log, timeout=240)
+    info = _wait(job, log, timeout=JOB_WAIT_S)
     _check_finished(info, log, runs / f"tip-tp2-{job}", steps=2)   # TP=2 needs both ranks
     assert "nodes=1 procs/node=2 threads=1" in log.read_text()
     print(f"job {job}: 2 processes, TP=2, COMPLETED in {time.monotonic() - t0:.0f} s")
@@ -183,7 +186,7 @@ def test_two_nodes(cluster, tmp_path):
     job = _sbatch(cluster, "--job-name=tip-2nodes", "--nodes=2", f"--output={log}", *CPU_FLAGS, SCRIPT,
                   "train.steps=2", "optim.warmup_steps=1", "parallel.tensor_parallel=2", *TOY,
                   env={"RUN_ROOT": str(runs), "CONFIG": CONFIG})
-    info = _wait(job, log, timeout=240)
+    info = _wait(job, log, timeout=JOB_WAIT_S)
     _check_finished(info, log, runs / f"tip-2nodes-{job}", steps=2)
     hosts = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True).stdout
     assert len(hosts.split()) == 2, info["NodeList"]
