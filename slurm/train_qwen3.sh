@@ -117,8 +117,10 @@ SIGNALLED=""
 signal_training() {
   srun --overlap --nodes="$SLURM_NNODES" --ntasks-per-node=1 bash -c '
     for f in "$0"-*.torchrun.pid; do
-      if [[ -s $f ]]; then pkill -USR1 -P "$(cat "$f")" || true; fi
-    done' "$PID_PREFIX" || log "could not reach the training processes (srun --overlap failed)"
+      [[ -s $f ]] || continue
+      if command -v pkill >/dev/null; then pkill -USR1 -P "$(cat "$f")"
+      else kill -USR1 $(cat /proc/"$(cat "$f")"/task/*/children); fi
+    done; true' "$PID_PREFIX" || log "could not reach the training processes (srun --overlap failed)"
 }
 stop_training() {   # USR1 or SIGTERM to this script: ask every training process to save and exit
   SIGNALLED=$1

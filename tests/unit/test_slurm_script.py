@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -164,5 +165,20 @@ def test_usr1_reaches_only_the_training_processes(tmp_path):
     argv = stop["srun"]
     assert argv[:4] == ["--overlap", "--nodes=2", "--ntasks-per-node=1", "bash"]
     assert 'pkill -USR1 -P "$(cat "$f")"' in argv[5] and argv[6] == "/tmp/megatron_tip-123"
+    # The same code, run here against a stand-in torchrun (a shell with two children): exactly the
+    # children get USR1, the parent does not; with pkill and with only /proc (no procps).
+    only_cat = tmp_path / "only_cat"
+    only_cat.mkdir()
+    (only_cat / "cat").symlink_to(shutil.which("cat"))
+    for path in (os.environ["PATH"], str(only_cat)):
+        fake = subprocess.Popen(["bash", "-c", "trap 'echo parent-signalled' USR1; for i in 1 2; do "
+                                 "(trap 'echo child-signalled; kill $s; exit 0' USR1; sleep 30 & s=$!; "
+                                 "echo ready; wait) & done; wait"], stdout=subprocess.PIPE, text=True)
+        assert [fake.stdout.readline().strip() for _ in range(2)] == ["ready", "ready"]
+        (tmp_path / "x-0.torchrun.pid").write_text(f"{fake.pid}\n")
+        subprocess.run([shutil.which("bash"), "-c", argv[5], str(tmp_path / "x")], env={"PATH": path},
+                       check=True, timeout=30)
+        out_fake, _ = fake.communicate(timeout=30)
+        assert out_fake.split() == ["child-signalled", "child-signalled"], (path, out_fake)
     assert "SIGUSR1: asking the training processes to save a checkpoint and stop" in out
     assert "training stopped (srun exit 75, SIGUSR1)" in out and proc.returncode == 75, (out, err)
