@@ -66,9 +66,29 @@ def check_sequence_length(cfg: RunConfig, *, student: ModelSpec, teacher: ModelS
                              f"max_position_embeddings={spec.max_position_embeddings}")
 
 
+def check_memory_features(cfg: RunConfig, *, student: ModelSpec, ctx: ParallelContext) -> None:
+    """Refuse memory settings this build cannot run, before any weight loads (one clear line each)."""
+    if cfg.parallel.sequence_parallel:
+        raise ValueError("parallel.sequence_parallel=true is not supported yet: the kept-position output layer "
+                         "and the megatron sampler expect full-sequence hidden states (and megatron-core's torch "
+                         "norms refuse it without Transformer Engine); use student.recompute_granularity")
+    if cfg.optim.distributed_optimizer and ctx.device.type != "cuda":
+        raise ValueError("optim.distributed_optimizer=true needs CUDA: megatron-core's DistributedOptimizer "
+                         "accepts only torch.cuda tensors")
+    mc = cfg.student
+    per_stage = student.num_layers // ctx.pp
+    if mc.recompute_granularity == "full" and mc.recompute_num_layers > per_stage:
+        raise ValueError(f"student.recompute_num_layers={mc.recompute_num_layers} exceeds the {per_stage} layers "
+                         f"of a pipeline stage ({student.num_layers} layers / pipeline_parallel={ctx.pp})")
+    if mc.recompute_granularity == "full" and mc.recompute_method == "uniform" and per_stage % mc.recompute_num_layers:
+        raise ValueError(f"student.recompute_num_layers={mc.recompute_num_layers} must divide the {per_stage} layers "
+                         f"of a pipeline stage with recompute_method=uniform")
+
+
 def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, *, train: bool):
     model = build_gpt_model(spec, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, params_dtype=mc.torch_dtype,
-                            padded_vocab_size=padded, per_token_loss=train)
+                            padded_vocab_size=padded, per_token_loss=train, transformer_impl=mc.transformer_impl,
+                            config_overrides=mc.megatron_overrides())
     load_weights(model, mc.path, spec=spec, tp=ctx.tp, tp_rank=ctx.tp_rank, pp=ctx.pp, pp_rank=ctx.pp_rank)
     if not train:
         model.eval()
@@ -77,12 +97,13 @@ def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, 
     return model
 
 
-def _ddp(model):
+def _ddp(model, *, distributed_optimizer: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     model.config.finalize_model_grads_func = finalize_model_grads
     return DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module=model)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer),
+        module=model)
 
 
 def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
@@ -100,6 +121,7 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     if AutoTokenizer.from_pretrained(tokenizer_dir(cfg.teacher.path)).get_vocab() != tokenizer.get_vocab():
         raise ValueError("teacher and student tokenizers differ: distillation needs one vocabulary")
     check_sequence_length(cfg, student=student_spec, teacher=teacher_spec)
+    check_memory_features(cfg, student=student_spec, ctx=ctx)
     vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
@@ -110,7 +132,8 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     # Both models shard the same padded vocab so their logits shards line up column by column.
     padded = padded_vocab(max(student_spec.vocab_size, teacher_spec.vocab_size), tp=ctx.tp)
     teacher = _model(teacher_spec, cfg.teacher, padded, ctx, train=False)
-    student = _ddp(_model(student_spec, cfg.student, padded, ctx, train=True))
+    student = _ddp(_model(student_spec, cfg.student, padded, ctx, train=True),
+                   distributed_optimizer=cfg.optim.distributed_optimizer)
     optimizer, scheduler = build_optimizer(student, cfg.optim, params_dtype=cfg.student.torch_dtype,
                                            total_steps=cfg.train.steps)
 

@@ -55,6 +55,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.teacher.recompute_granularity != "none":
+            raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
+                             "activations; activation recomputation applies to the student only")
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                              f"train.steps={self.train.steps}")
@@ -119,7 +122,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         msg = str(e)
         if msg.split("=", 1)[0] in fields:  # "<field>=<value>: must be ..." -> "<section>.<field>=..."
             raise ValueError(f"{prefix}{msg}") from None
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {msg}") from None
+        raise ValueError(f"config section {prefix.rstrip('.')}: {msg}" if prefix else msg) from None
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:

@@ -24,10 +24,15 @@ class ParallelConfig:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # megatron sequence parallelism: accepted by the config (the planner can size it) but refused
+    # at build time until the kept-position output layer handles sequence-sharded hidden states.
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         at_least("tensor_parallel", self.tensor_parallel, 1)
         at_least("pipeline_parallel", self.pipeline_parallel, 1)
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ValueError("sequence_parallel=true needs tensor_parallel >= 2")
 
 
 @dataclass

@@ -32,6 +32,6 @@ def kept_reverse_kl_loss(
     per_token = vocab_parallel_reverse_kl(student_logits, teacher_logits, tp_group=tp_group,
                                           vocab_size=vocab_size, chunk_size=chunk_size)
     loss_sum = per_token.sum()
-    n = torch.tensor(per_token.numel(), dtype=torch.int)
+    n = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
     report = {"kept_rkl": torch.stack([loss_sum.detach(), n.float()])}
     return loss_sum, n, report

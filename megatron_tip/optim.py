@@ -16,6 +16,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # 0: no clipping
+    distributed_optimizer: bool = False  # shard fp32 main params + Adam state over data-parallel ranks (CUDA only)
 
     def __post_init__(self) -> None:
         at_least("lr", self.lr, 0.0)
@@ -39,7 +40,8 @@ def build_optimizer(model: Any, cfg: OptimConfig, *, params_dtype: Any, total_st
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
-        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype), [model])
+        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.distributed_optimizer), [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=max(total_steps, 1), lr_decay_style="cosine",

@@ -63,7 +63,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
-        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id)
+        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
         scored = self.score(packed)
         t2 = time.perf_counter()

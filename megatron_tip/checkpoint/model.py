@@ -85,7 +85,7 @@ def _vocab_fixups(sharded: dict, ckpt_model_dir: str) -> dict[str, Any]:
         meta = saved.get(sh.key)
         if meta is None or tuple(meta.global_shape) == tuple(sh.global_shape):
             continue
-        full = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype)
+        full = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype, device="cpu")  # whole tensor, on the host
         # Every TP rank now reads the whole tensor: only the first vocab shard's main replica may
         # stay the main replica, or dist_checkpointing rejects the access pattern.
         frag = sh.global_offset[0] // max(sh.data.shape[0], 1)

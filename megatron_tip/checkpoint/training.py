@@ -159,6 +159,8 @@ def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module,
     tmp = target.with_name(target.name + ".tmp")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
     os.replace(tmp, target)
+    if _is_distributed(optimizer):  # sharded fp32 params + Adam state: gathered to DP rank 0 per model rank
+        optimizer.save_parameter_state(str(_param_state_file(final, ctx)))  # collective over DP
     dist.barrier()
     if ctx.rank == 0:
         _write_json_atomic(final / TRAINER_STATE, {"step": step, "world_size": ctx.world_size, "tp": ctx.tp,
@@ -181,9 +183,23 @@ def resume_training(out_dir: str, *, model: torch.nn.Module, optimizer: Any, sch
     opt = load_tensors(optim_file(ckpt, ctx.rank))
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if _is_distributed(optimizer):
+        path = _param_state_file(ckpt, ctx)
+        if ctx.dp_rank == 0:
+            load_tensors(path)  # refuse planted pickles before megatron's own torch.load reads the file
+        optimizer.load_parameter_state(str(path))
     if ctx.rank == 0:
         print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     return int(state["step"]) + 1
+
+
+def _is_distributed(optimizer: Any) -> bool:
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(hasattr(o, "get_parameter_state_dp_zero") for o in inner)
+
+
+def _param_state_file(ckpt: Path, ctx: Any) -> Path:
+    return ckpt / f"dist_optim_tp{ctx.tp_rank:03d}_pp{ctx.pp_rank:03d}.pt"
 
 
 def remove_incomplete_checkpoints(out_dir: str) -> None:

@@ -139,6 +139,25 @@ def _shim_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
 
 
+# --- 5. causal mask built during activation recomputation -----------------------------------------
+# transformer/utils.get_default_causal_mask builds the mask with device="cuda". In a plain forward
+# the device mode above rewrites it; when activation recomputation re-runs a layer inside
+# CheckpointFunction.backward the mode is not on the stack, so the literal reaches CUDA. Same
+# mask (cached per length), built on the CPU; fused_softmax imported the name, so patch both.
+def _shim_causal_mask() -> None:
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=32)
+    def cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    utils.get_default_causal_mask = cpu_causal_mask
+    fused_softmax.get_default_causal_mask = cpu_causal_mask
+
+
 def apply_cpu_shims() -> bool:
     """Patch megatron-core for CPU execution; idempotent. Returns True when shims are active.
 
@@ -152,6 +171,7 @@ def apply_cpu_shims() -> bool:
     _shim_rng_tracker()
     _shim_cuda_device_calls()
     _shim_grad_clipping()
+    _shim_causal_mask()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # process-wide for the rest of the run
     _APPLIED = True

@@ -68,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
     if not is_hf_dir(args.hf_dir):
         raise FileNotFoundError(f"--hf-dir {args.hf_dir!r}: no config.json there (not an HF checkpoint directory)")
     spec, _ = read_checkpoint_info(args.megatron_dir)
-    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq),
+    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device="cpu",
                         generator=torch.Generator().manual_seed(args.seed))
     ref = hf_logits(args.hf_dir, ids)
     out = megatron_checkpoint_logits(args.megatron_dir, ids, tp=args.tp, pp=args.pp)

@@ -17,7 +17,7 @@ def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, *, tp_group
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = input_ids.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+    pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, -1)
 
     def step(data_iter, m):
         out = m(next(data_iter), pos, None)

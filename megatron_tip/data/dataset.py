@@ -56,6 +56,7 @@ class PromptDataset:
         out = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch)))
+            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch))
+            order = torch.randperm(len(self.prompts), generator=g, device="cpu")  # host-side bookkeeping
             out.append(self.prompts[int(order[pos])])
         return out

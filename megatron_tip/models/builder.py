@@ -43,8 +43,11 @@ def _rope_args(spec: ModelSpec) -> dict:
 
 
 def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1,
-                       params_dtype: torch.dtype = torch.float32):
-    """The megatron TransformerConfig equivalent of ``spec`` (no dropout, no fusions on CPU)."""
+                       params_dtype: torch.dtype = torch.float32, **overrides):
+    """The megatron TransformerConfig equivalent of ``spec`` (no dropout, no fusions on CPU).
+
+    ``overrides``: further TransformerConfig fields (e.g. recompute_granularity), as given.
+    """
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -77,20 +80,28 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         init_method_std=0.02,
+        **overrides,
     )
 
 
-def _layer_spec(spec: ModelSpec):
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.models.gpt.gpt_layer_specs import (
-                get_gpt_layer_with_transformer_engine_spec,
-            )
-            import transformer_engine  # noqa: F401
+def te_available() -> bool:
+    """Transformer Engine's layer spec can be used: CUDA and an importable transformer_engine."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
-        except ImportError:
-            pass
+
+def _layer_spec(spec: ModelSpec, impl: str = "auto"):
+    if impl == "transformer_engine" and not te_available():
+        raise ValueError("transformer_impl=transformer_engine needs CUDA and `pip install -e .[te]`")
+    if impl == "transformer_engine" or (impl == "auto" and te_available()):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
@@ -106,6 +117,8 @@ def build_gpt_model(
     max_sequence_length: Optional[int] = None,
     padded_vocab_size: Optional[int] = None,
     per_token_loss: bool = False,
+    transformer_impl: str = "auto",
+    config_overrides: Optional[dict] = None,
 ):
     """Build this rank's GPTModel stage (megatron parallel_state must be initialized).
 
@@ -113,11 +126,13 @@ def build_gpt_model(
     ``spec.vocab_size`` are padding (callers mask them, see ``megatron_tip.ops``).
     ``padded_vocab_size`` overrides the padding (teacher and student must shard alike).
     ``per_token_loss``: megatron's calculate_per_token_loss (loss funcs return sums + counts).
+    ``transformer_impl``: auto | local | transformer_engine (see ``models.config.ModelConfig``).
+    ``config_overrides``: TransformerConfig fields set as given (memory settings: recomputation).
     """
     from megatron.core.models.gpt import GPTModel
 
     check_model_parallel(spec, tp=tp, pp=pp)
-    config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype)
+    config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype, **(config_overrides or {}))
     config.calculate_per_token_loss = per_token_loss
     vocab = padded_vocab_size or spec.padded_vocab_size(tp)
     if vocab < spec.vocab_size or vocab % tp:
@@ -125,7 +140,7 @@ def build_gpt_model(
                          f"and divisible by tensor_parallel size {tp}")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(spec),
+        transformer_layer_spec=_layer_spec(spec, transformer_impl),
         vocab_size=vocab,
         max_sequence_length=max_sequence_length or spec.max_position_embeddings,
         pre_process=pp_rank == 0,

@@ -64,13 +64,13 @@ class MegatronEngine:
     def _last_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
         """Full-vocab fp32 logits [B, V_true] at each row's last real position (last stage only)."""
         b, s = ids.shape
-        index = (torch.arange(b), lengths - 1)
-        mb = {"input_ids": ids, "position_ids": torch.arange(s).unsqueeze(0).expand(b, -1)}
+        index = (torch.arange(b, device=ids.device), lengths - 1)
+        mb = {"input_ids": ids, "position_ids": torch.arange(s, device=ids.device).unsqueeze(0).expand(b, -1)}
         got: list[torch.Tensor] = []
 
         def on_output(_mb, logits):  # [1, B, V/TP]
             got.append(logits[0].float())
-            return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
+            return logits.new_zeros(()), torch.zeros((), dtype=torch.int, device=logits.device), {}
 
         self.model.eval()
         run_microbatches(self.model, [mb], on_output, forward_only=True,
@@ -103,23 +103,25 @@ class MegatronEngine:
 
     def _batch(self, prompts, rows, params: SamplingParams):
         """Right-padded [B, T] ids with each row's prompt, prompt lengths, per-row generators."""
-        plens = torch.tensor([len(prompts[i]) for i, _ in rows])
-        ids = torch.full((len(rows), int(plens.max()) + params.max_new_tokens), self.pad_id, dtype=torch.long)
+        dev = self.ctx.device
+        lengths = [len(prompts[i]) for i, _ in rows]
+        host = torch.full((len(rows), max(lengths) + params.max_new_tokens), self.pad_id, dtype=torch.long,
+                          device="cpu")  # filled row by row on the host, then moved once
         for r, (i, _) in enumerate(rows):
-            ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
-        gens = [torch.Generator().manual_seed(derive_seed(params.seed, i, j)) for i, j in rows]
-        stop = torch.tensor(list(params.stop_token_ids) or [-1])
-        return ids, plens, gens, stop
+            host[r, : lengths[r]] = torch.tensor(prompts[i], dtype=torch.long, device="cpu")
+        gens = [torch.Generator(device=dev).manual_seed(derive_seed(params.seed, i, j)) for i, j in rows]
+        stop = torch.tensor(list(params.stop_token_ids) or [-1], device=dev)
+        return host.to(dev), torch.tensor(lengths, device=dev), gens, stop
 
     def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         ids, plens, gens, stop = self._batch(prompts, rows, params)
         b, total = ids.shape
-        pos = torch.arange(total).unsqueeze(0).expand(b, -1)
+        pos = torch.arange(total, device=ids.device).unsqueeze(0).expand(b, -1)
         logprobs: list[list[float]] = [[] for _ in range(b)]
         ends = plens + params.max_new_tokens  # exclusive end of each row
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         cache = StaticInferenceContext(b, total)
         self.model.eval()
         start = int(plens.min())
@@ -156,13 +158,13 @@ class MegatronEngine:
         ids, plens, gens, stop = self._batch(prompts, rows, params)
         b = ids.shape[0]
         lengths = plens.clone()
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         logprobs: list[list[float]] = [[] for _ in range(b)]
         last_stage_rank = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1) if self.ctx.pp > 1 else None
         for _ in range(params.max_new_tokens):
             width = int(lengths.max())
             logits = self._last_logits(ids[:, :width], lengths)
-            nxt = torch.zeros(b, dtype=torch.long)
+            nxt = torch.zeros(b, dtype=torch.long, device=ids.device)
             if logits is not None:  # last stage: draw for the rows still generating
                 live = (~done).nonzero()[:, 0]
                 drawn, chosen = self._draw(logits[live], [gens[r] for r in live.tolist()], params)

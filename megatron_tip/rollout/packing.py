@@ -19,20 +19,25 @@ class PackedBatch:
     position_ids: torch.Tensor  # [B, S] long
 
 
-def pack_rollouts(rollouts: list[Rollout], *, pad_id: int, seq_len: Optional[int] = None) -> PackedBatch:
-    """Pack rollouts into fixed-width tensors (``seq_len`` defaults to the longest sequence)."""
+def pack_rollouts(rollouts: list[Rollout], *, pad_id: int, seq_len: Optional[int] = None,
+                  device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack rollouts into fixed-width tensors on ``device`` (``seq_len`` defaults to the longest sequence).
+
+    Rows are filled on the host and moved to ``device`` once.
+    """
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]
     width = seq_len or max(len(s) for s in seqs)
     b = len(seqs)
-    ids = torch.full((b, width + 1), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, width, dtype=torch.bool)
+    ids = torch.full((b, width + 1), pad_id, dtype=torch.long, device="cpu")
+    valid = torch.zeros(b, width, dtype=torch.bool, device="cpu")
     for i, (r, s) in enumerate(zip(rollouts, seqs)):
         if len(s) > width:
             raise ValueError(f"rollout {i} has {len(s)} tokens, more than seq_len={width}")
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
         p, m = len(r.prompt_ids), len(r.response_ids)
         valid[i, p - 1: p - 1 + m] = True  # logits at t predict token t+1
-    pos = torch.arange(width).unsqueeze(0).expand(b, -1).contiguous()
+    ids, valid = ids.to(device), valid.to(device)
+    pos = torch.arange(width, device=device).unsqueeze(0).expand(b, -1).contiguous()
     return PackedBatch(input_ids=ids[:, :-1].contiguous(), target_ids=ids[:, 1:].contiguous(),
                        valid=valid, position_ids=pos)
 

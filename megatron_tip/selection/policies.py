@@ -40,15 +40,16 @@ class SelectionResult:
 def per_rollout_uniform(valid: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """float64 [B, S]: U(0, 1] at valid positions (m draws per row, in position order), 1 elsewhere.
 
-    Drawing exactly m values per row keeps a rollout's stream independent of padding width.
+    Drawing exactly m values per row keeps a rollout's stream independent of padding width. The
+    draws happen on the host (CPU generators: the same numbers on every device), then move once.
     """
-    u = torch.ones(valid.shape, dtype=torch.float64)
+    u = torch.ones(valid.shape, dtype=torch.float64, device="cpu")
     vcpu = valid.cpu()
     for b, s in enumerate(seeds):
         m = int(vcpu[b].sum())
         if m:
-            g = torch.Generator().manual_seed(s)
-            u[b, vcpu[b]] = 1.0 - torch.rand(m, generator=g, dtype=torch.float64)  # (0, 1]: log is finite
+            g = torch.Generator(device="cpu").manual_seed(s)
+            u[b, vcpu[b]] = 1.0 - torch.rand(m, generator=g, dtype=torch.float64, device="cpu")  # (0, 1]
     return u.to(valid.device)
 
 
@@ -141,7 +142,7 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
             k_row = budget(valid.sum(1), rho, config.min_keep_per_sequence)
             mask = per_row_topk_mask(rank_key, valid, k_row)
         else:
-            k = int(budget(torch.tensor(n), rho))
+            k = int(budget(torch.tensor(n, device="cpu"), rho))  # a host-side count
             mask = distributed_topk_mask(rank_key.reshape(-1), valid.reshape(-1), k,
                                          group=group).view_as(valid)
     score = torch.where(valid, score.float(), zero)

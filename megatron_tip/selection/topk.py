@@ -67,7 +67,7 @@ def key_to_float(key: int, width: int) -> float:
     """Inverse of :func:`ordered_key` for one signed key."""
     bits = key ^ ((1 << (width - 1)) - 1) if key < 0 else key
     idt, fdt = (torch.int32, torch.float32) if width == 32 else (torch.int64, torch.float64)
-    return float(torch.tensor([bits], dtype=idt).view(fdt).item())
+    return float(torch.tensor([bits], dtype=idt, device="cpu").view(fdt).item())
 
 
 @dataclass
@@ -97,11 +97,11 @@ def radix_select(comm: Comm, keys: Sequence[torch.Tensor], valids: Sequence[torc
         flip = (_NBINS >> 1) if p == 0 else 0  # the top digit carries the sign: flip it to unsign
         digits = [((c >> shift) & (_NBINS - 1)) ^ flip for c in ck]
         hist = torch.stack([torch.bincount(d, minlength=_NBINS) for d in digits]) if T else \
-            torch.zeros(0, _NBINS, dtype=torch.int64)
+            torch.zeros(0, _NBINS, dtype=torch.int64, device=comm.device)
         hist = comm.all_reduce(hist.to(comm.device)).cpu()
         for t in range(T):
             from_top = hist[t].flip(0).cumsum(0)
-            j = int(torch.searchsorted(from_top, torch.tensor(remaining[t]), right=False))
+            j = int(torch.searchsorted(from_top, torch.tensor(remaining[t], device=from_top.device), right=False))
             b = _NBINS - 1 - j
             remaining[t] -= int(from_top[j]) - int(hist[t, b])
             d = digits[t]

@@ -79,6 +79,24 @@ def test_grad_clipping_scales_cpu_grads():
     torch.testing.assert_close(g, torch.full((4,), 3.0 / (6.0 + 1e-6)))
 
 
+def _causal_mask_outside_the_mode(rank, world):
+    apply_cpu_shims()
+    from torch.overrides import _pop_mode_temporarily
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    with _pop_mode_temporarily():  # as inside CheckpointFunction.backward: the device mode is off the stack
+        m = utils.get_default_causal_mask(4)
+    return m, fused_softmax.get_default_causal_mask is utils.get_default_causal_mask
+
+
+def test_causal_mask_for_recomputation_is_built_on_cpu():
+    mask, same = run_distributed(_causal_mask_outside_the_mode, 1)[0]
+    assert same and mask.device.type == "cpu"
+    assert torch.equal(mask, torch.triu(torch.ones(4, 4), diagonal=1).bool())
+
+
 def test_shims_are_idempotent_and_noop_flag():
     # Run in a child so the parent test process stays unpatched.
     assert run_distributed(lambda r, w: (apply_cpu_shims(), apply_cpu_shims()), 1)[0] == (True, True)

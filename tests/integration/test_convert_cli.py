@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.convert_cases import make_hf_model
+from tests.helpers.paths import REPO
 from megatron_tip.convert.__main__ import main as convert_main
 
 pytestmark = pytest.mark.timeout(600)
@@ -110,3 +111,59 @@ def test_end_to_end_cli_and_existing_outputs(tmp_path, capsys, qwen2_dir):
                     "--overwrite"]) == 0
     assert json.loads((mg / "metadata.json").read_text())["pp"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_out", "mg"]
+
+
+def test_output_overlapping_the_input_is_refused(tmp_path, capsys, qwen2_dir):
+    run = _copy(qwen2_dir, tmp_path / "run")
+    (run / "checkpoints").mkdir()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, run / "checkpoints" / "x", tmp_path):  # equal, inside, containing
+        _fails(capsys, ["hf-to-megatron", "--hf-dir", str(run), "--out", str(out), "--overwrite"],
+               "overlaps the input", out)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing deleted
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys, qwen2_dir):
+    with pytest.raises(SystemExit) as e:
+        convert(["hf-to-megatron", "--hf-dir", str(qwen2_dir), "--out", str(tmp_path / "o"), "--tp", "0"])
+    assert e.value.code == 2 and "--tp: 0: must be >= 1" in capsys.readouterr().err
+    assert check(["--hf-dir", str(tmp_path / "nope"), "--megatron-dir", str(tmp_path)]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+def _sleeping_rank(rank, world, pid_file):
+    import os
+    import time
+
+    with open(f"{pid_file}.{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_worker_ranks_die_with_their_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from megatron_tip.launch import run_distributed\n"
+            "from tests.integration.test_convert_cli import _sleeping_rank\n"
+            f"run_distributed(_sleeping_rank, 2, {str(tmp_path / 'pid')!r}, timeout=300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    pids = []
+    deadline = time.monotonic() + 120
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid.*") if p.read_text()]
+        time.sleep(0.1)
+    assert len(pids) == 2
+    parent.send_signal(signal.SIGKILL)  # no cleanup code runs in the parent
+    parent.wait()
+    time.sleep(1.0)
+    def running(pid: int) -> bool:  # a zombie (killed, not yet reaped) does not run
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    alive = [pid for pid in pids if running(pid)]
+    assert not alive, f"ranks {alive} outlived their parent"

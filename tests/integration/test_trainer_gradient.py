@@ -102,6 +102,12 @@ def pair(tmp_path_factory):
     (2, 2, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
             "scoring.score_chunk_tokens": 5}),  # logits materialized 5 rows at a time
     (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5}),
+    # activation recomputation (issue #13) must not change the gradients
+    (2, 2, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+            "student.recompute_granularity": "full", "student.recompute_method": "block",
+            "student.recompute_num_layers": 1}),
+    (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+                "student.recompute_granularity": "selective"}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student = pair

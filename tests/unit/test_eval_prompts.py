@@ -63,3 +63,37 @@ def test_evaluate_with_pluggable_generate_fn():
     assert [r["correct"] for r in rows] == [[True, False, False, False], [False] * 4]
     assert summary["mean@4"] == pytest.approx(0.125)
     assert summary["pass@k"] == pytest.approx({1: 0.125, 2: 0.25, 4: 0.5})
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--limit", "0"], "--limit=0: must be >= 1"), (["--limit", "-1"], "--limit=-1: must be >= 1"),
+    (["--temperature", "-1"], "--temperature=-1.0: must be >= 0"), (["--batch-size", "0"], "--batch-size=0"),
+])
+def test_eval_cli_rejects_bad_numbers(argv, match, capsys):
+    from megatron_tip.eval.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", "--data", "d", *argv])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_eval_cli_reads_data_first_and_leaves_no_temp_dirs(tmp_path, capsys):
+    import glob
+    import tempfile
+
+    from megatron_tip.eval.__main__ import main
+
+    pattern = f"{tempfile.gettempdir()}/megatron_tip_eval_*"
+    before = set(glob.glob(pattern))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(['{"problem": "1+1", "answer": "2"}'] * 20) + '\n{"problem": oops}\n')
+    with pytest.raises(SystemExit) as e:  # the data error wins although the model does not exist either
+        main(["--model", str(tmp_path / "no_model"), "--data", str(bad)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad}:21: not valid JSON (Expecting value)"]
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "no_model"), "--data", str(good)])
+    assert set(glob.glob(pattern)) == before

@@ -1,0 +1,177 @@
+"""GPU-only checks, one JSON line each, then one summary line (run by tests/gpu/run.sh).
+
+  python tests/gpu/checks.py            # on a CUDA machine
+  python tests/gpu/checks.py --dry-run  # on the CPU: tiny shapes, no vLLM / TE (checks the script itself)
+
+(a) ops: vocab-parallel token stats and reverse-KL gradient vs a float64 reference, fp32 and bf16
+    inputs; achieved bandwidth of the stats pass as % of a device-to-device copy of the same bytes.
+(b) train: the toy pair, 10 steps, bf16, megatron engine and vLLM engine (sleep mode where the
+    config has it): finite losses, peak torch.cuda.max_memory_allocated, mean step time.
+(c) te: Transformer Engine's layer spec builds and its logits match the local spec's (bf16).
+(d) distopt: distributed optimizer, 4 steps with a save/resume in the middle = uninterrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TOY = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+RESULTS: dict[str, dict] = {}
+
+
+def report(name: str, **values) -> None:
+    RESULTS[name] = values
+    print(json.dumps({"check": name, **values}), flush=True)
+
+
+def _timed(fn, *, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (allocator, kernels, compilation)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def check_ops(device: torch.device, *, n: int, vocab: int) -> None:
+    from megatron_tip.ops import vocab_parallel_reverse_kl, vocab_parallel_token_stats
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        zs = (torch.randn(n, vocab, generator=g, device="cpu") * 3).to(device=device, dtype=dtype)
+        zt = (zs.float() + torch.randn(n, vocab, generator=g, device="cpu").to(device)).to(dtype)
+        st = vocab_parallel_token_stats(zs, zt, vocab_size=vocab)
+        rows = slice(0, min(n, 64))  # float64 reference on a slice (memory)
+        ls, lt = zs[rows].double().log_softmax(-1), zt[rows].double().log_softmax(-1)
+        ref_kl = (ls.exp() * (ls - lt)).sum(-1)
+        ref_h = -(ls.exp() * ls).sum(-1) / math.log(vocab)
+        err_kl = float((st.reverse_kl[rows].double() - ref_kl).abs().max())
+        err_h = float((st.norm_entropy[rows].double() - ref_h).abs().max())
+        zg = zs[rows].clone().requires_grad_(True)
+        vocab_parallel_reverse_kl(zg, zt[rows], vocab_size=vocab).sum().backward()
+        zr = zs[rows].double().requires_grad_(True)
+        lsr = zr.log_softmax(-1)
+        (lsr.exp() * (lsr - lt)).sum().backward()
+        err_grad = float((zg.grad.double() - zr.grad).abs().max())
+        t_stats = _timed(lambda: vocab_parallel_token_stats(zs, zt, vocab_size=vocab), device=device, repeats=3)
+        src = torch.empty(2 * zs.numel() * zs.element_size(), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        t_copy = _timed(lambda: dst.copy_(src), device=device, repeats=3)
+        read = 2 * zs.numel() * zs.element_size()  # the stats pass reads both logit tensors once
+        bw_stats, bw_copy = read / t_stats, 2 * read / t_copy  # a copy reads and writes the bytes
+        report(f"ops_{str(dtype).removeprefix('torch.')}", tokens=n, vocab=vocab, max_err_reverse_kl=err_kl,
+               max_err_norm_entropy=err_h, max_err_grad=err_grad, stats_s=round(t_stats, 5),
+               stats_GBps=round(bw_stats / 1e9, 1), copy_GBps=round(bw_copy / 1e9, 1),
+               pct_of_copy=round(100 * bw_stats / bw_copy, 1),
+               ok=err_kl < (1e-4 if dtype == torch.float32 else 2e-2) and math.isfinite(err_grad))
+        del zs, zt, src, dst
+
+
+def _train(out: Path, *overrides: str, timeout: int) -> tuple[int, list[dict], str]:
+    cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(TOY), f"run.out_dir={out}",
+           "eval.prompts=", "log.tensorboard=false", *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return res.returncode, rows, res.stderr[-1500:]
+
+
+def check_train(engine: str, *, steps: int, dtype: str, extra: list[str], timeout: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        code, rows, err = _train(Path(tmp) / "run", f"train.steps={steps}", f"rollout.engine={engine}",
+                                 f"student.dtype={dtype}", f"teacher.dtype={dtype}", "optim.warmup_steps=1",
+                                 *extra, timeout=timeout)
+        wall = time.perf_counter() - t0
+    losses = [r.get("loss") for r in rows]
+    step_s = [sum(r.get(k, 0.0) for k in r if k.startswith("time_")) for r in rows[1:]]
+    report(f"train_{engine}", exit_code=code, steps=len(rows), losses=[round(x, 5) if x is not None else None
+                                                                     for x in losses],
+           peak_memory_gb=max((r.get("peak_memory_gb", 0.0) for r in rows), default=None),
+           mean_step_s=round(sum(step_s) / len(step_s), 3) if step_s else None, wall_s=round(wall, 1),
+           ok=code == 0 and len(rows) == steps and all(x is not None and math.isfinite(x) for x in losses),
+           **({"stderr": err} if code else {}))
+
+
+def check_te(device: torch.device) -> None:
+    from megatron_tip.checkpoint import read_spec
+    from megatron_tip.distributed import destroy_parallel, init_parallel
+    from megatron_tip.models.builder import build_gpt_model, te_available
+    from megatron_tip.models.hf.weights import load_hf_weights
+
+    if not te_available():
+        report("te", ok=None, note="transformer-engine not importable (pip install -e .[te])")
+        return
+    student = REPO / "examples" / "toy" / "models" / "student"
+    spec = read_spec(student)
+    init_parallel(1)
+    ids = torch.randint(0, spec.vocab_size, (2, 32), device=device)
+    pos = torch.arange(32, device=device)[None].expand(2, -1)
+    logits = {}
+    for impl in ("local", "transformer_engine"):
+        model = build_gpt_model(spec, params_dtype=torch.bfloat16, transformer_impl=impl)
+        load_hf_weights(model, str(student), spec=spec)
+        with torch.no_grad():
+            logits[impl] = model(ids, pos, None).float()
+    destroy_parallel()
+    diff = float((logits["local"] - logits["transformer_engine"]).abs().max())
+    scale = float(logits["local"].abs().max())
+    report("te", max_abs_logit_diff=diff, max_abs_logit=scale, ok=diff <= 0.05 * max(scale, 1.0))
+
+
+def check_distopt(*, timeout: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["train.steps=4", "optim.distributed_optimizer=true", "student.dtype=bfloat16",
+                  "teacher.dtype=bfloat16", "optim.warmup_steps=1"]
+        _, full, _ = _train(Path(tmp) / "full", *common, timeout=timeout)
+        _train(Path(tmp) / "cut", *common, "run.exit_interval=2", timeout=timeout)
+        code, cut, err = _train(Path(tmp) / "cut", *common, "run.resume=auto", timeout=timeout)
+    a, b = [r.get("loss") for r in full], [r.get("loss") for r in cut]
+    report("distopt_resume", losses_full=a, losses_resumed=b, ok=code == 0 and len(a) == 4 and a == b,
+           **({"stderr": err} if code else {}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no vLLM/TE/distributed optimizer")
+    ap.add_argument("--skip-vllm", action="store_true")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    t0 = time.perf_counter()
+    check_ops(device, n=4096 if cuda else 64, vocab=151_936 if cuda else 4096)
+    steps = 10 if cuda else 2
+    dtype = "bfloat16" if cuda else "float32"
+    check_train("megatron", steps=steps, dtype=dtype, extra=[], timeout=300)
+    if cuda and not args.skip_vllm:
+        check_train("vllm", steps=steps, dtype=dtype, extra=["rollout.vllm_gpu_memory_utilization=0.3",
+                                                             *json.loads(os.environ.get("VLLM_EXTRA", "[]"))],
+                    timeout=400)
+    if cuda:
+        check_te(device)
+        check_distopt(timeout=300)
+    failed = [k for k, v in RESULTS.items() if v.get("ok") is False]
+    summary = {k: v.get("ok") for k, v in RESULTS.items()}
+    print(f"SUMMARY {'PASS' if not failed else 'FAIL'} device={torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"checks={json.dumps(summary)} seconds={time.perf_counter() - t0:.0f}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
