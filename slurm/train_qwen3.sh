@@ -120,7 +120,7 @@ signal_training() {
       [[ -s $f ]] || continue
       if command -v pkill >/dev/null; then pkill -USR1 -P "$(cat "$f")"
       else kill -USR1 $(cat /proc/"$(cat "$f")"/task/*/children); fi
-    done; true' "$PID_PREFIX" || log "could not reach the training processes (srun --overlap failed)"
+    done; true' "$PID_PREFIX" || log "no signal step (srun --overlap failed; a job being cancelled has its steps signalled by Slurm)"
 }
 stop_training() {   # USR1 or SIGTERM to this script: ask every training process to save and exit
   SIGNALLED=$1
