@@ -44,7 +44,7 @@ write_conf() {
     die "$CONF exists and was not written by this script; refusing to replace it"
   fi
   local cpus mem host node port=6818
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc obeys OMP_NUM_THREADS (CI sets 1)
   mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
   host=$(hostname -s)
   mkdir -p "$DIR/state" "$(dirname "$CONF")"
