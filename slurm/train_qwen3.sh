@@ -93,9 +93,10 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 PYTHONUNB
 # torchrun must outlive the training processes' checkpoint save: it runs with USR1 and SIGTERM
 # ignored (PET_SIGNALS_TO_HANDLE keeps recent torchrun from handling SIGTERM itself) while each
 # training process saves and exits on either. Its PID goes to a node-local file so that a stop
-# request reaches exactly its children, the training processes.
+# request reaches exactly its children, the training processes (the name carries the restart count,
+# and the PID must still be a torchrun: a file left by an earlier, killed attempt is never used).
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
-PID_PREFIX=/tmp/megatron_tip-$SLURM_JOB_ID
+PID_PREFIX=/tmp/megatron_tip-$SLURM_JOB_ID.$RESTARTS
 
 # Newest complete checkpoint step of this run (-1: none).
 newest_checkpoint() {
@@ -117,9 +118,10 @@ SIGNALLED=""
 signal_training() {
   srun --overlap --nodes="$SLURM_NNODES" --ntasks-per-node=1 bash -c '
     for f in "$0"-*.torchrun.pid; do
-      [[ -s $f ]] || continue
-      if command -v pkill >/dev/null; then pkill -USR1 -P "$(cat "$f")"
-      else kill -USR1 $(cat /proc/"$(cat "$f")"/task/*/children); fi
+      p=$(cat "$f" 2>/dev/null) && mapfile -d "" cmd < "/proc/$p/cmdline" 2>/dev/null || continue
+      [[ " ${cmd[*]} " == *torchrun* ]] || continue
+      if command -v pkill >/dev/null; then pkill -USR1 -P "$p"
+      else kill -USR1 $(cat /proc/"$p"/task/*/children); fi
     done; true' "$PID_PREFIX" || log "no signal step (srun --overlap failed; a job being cancelled has its steps signalled by Slurm)"
 }
 stop_training() {   # USR1 or SIGTERM to this script: ask every training process to save and exit

@@ -88,7 +88,7 @@ def test_gpu_launch_line(tmp_path):
     # torchrun runs behind a wrapper that ignores USR1/TERM (training processes handle them) and
     # records torchrun's PID in a node-local file.
     assert srun[srun.index("-c") + 1].startswith('trap "" USR1 TERM; "$@" & echo $! > "$0-$SLURM_PROCID')
-    assert srun[srun.index("-c") + 2] == "/tmp/megatron_tip-123"
+    assert srun[srun.index("-c") + 2] == "/tmp/megatron_tip-123.0"   # job id . restart count
     tr = _torchrun_args(srun)
     assert _flag(tr, "--nproc-per-node") == "8"          # typed request h100:8
     assert _flag(tr, "--nnodes") == "2"
@@ -164,21 +164,28 @@ def test_usr1_reaches_only_the_training_processes(tmp_path):
     assert "--overlap" not in train["srun"]
     argv = stop["srun"]
     assert argv[:4] == ["--overlap", "--nodes=2", "--ntasks-per-node=1", "bash"]
-    assert 'pkill -USR1 -P "$(cat "$f")"' in argv[5] and argv[6] == "/tmp/megatron_tip-123"
+    assert 'pkill -USR1 -P "$p"' in argv[5] and argv[6] == "/tmp/megatron_tip-123.0"
     # The same code, run here against a stand-in torchrun (a shell with two children): exactly the
-    # children get USR1, the parent does not; with pkill and with only /proc (no procps).
+    # children get USR1, the parent does not; with pkill and with only /proc (no procps); a PID file
+    # whose process is not a torchrun (left by a killed attempt, PID reused) is ignored.
     only_cat = tmp_path / "only_cat"
     only_cat.mkdir()
     (only_cat / "cat").symlink_to(shutil.which("cat"))
     for path in (os.environ["PATH"], str(only_cat)):
         fake = subprocess.Popen(["bash", "-c", "trap 'echo parent-signalled' USR1; for i in 1 2; do "
                                  "(trap 'echo child-signalled; kill $s; exit 0' USR1; sleep 30 & s=$!; "
-                                 "echo ready; wait) & done; wait"], stdout=subprocess.PIPE, text=True)
+                                 "echo ready; wait) & done; wait", "torchrun-stand-in"],
+                                stdout=subprocess.PIPE, text=True)
+        other = subprocess.Popen(["bash", "-c", "sleep 30 & wait", "not-a-launcher"])
         assert [fake.stdout.readline().strip() for _ in range(2)] == ["ready", "ready"]
         (tmp_path / "x-0.torchrun.pid").write_text(f"{fake.pid}\n")
+        (tmp_path / "x-1.torchrun.pid").write_text(f"{other.pid}\n")
         subprocess.run([shutil.which("bash"), "-c", argv[5], str(tmp_path / "x")], env={"PATH": path},
                        check=True, timeout=30)
         out_fake, _ = fake.communicate(timeout=30)
         assert out_fake.split() == ["child-signalled", "child-signalled"], (path, out_fake)
+        assert other.poll() is None          # its sleep child was not signalled either
+        subprocess.run(["pkill", "-P", str(other.pid)])
+        other.wait(timeout=30)
     assert "SIGUSR1: asking the training processes to save a checkpoint and stop" in out
     assert "training stopped (srun exit 75, SIGUSR1)" in out and proc.returncode == 75, (out, err)
