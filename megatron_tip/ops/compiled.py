@@ -116,20 +116,16 @@ def _partials_body(zs: torch.Tensor, zt: torch.Tensor, full: bool) -> torch.Tens
     return torch.stack(rows)
 
 
-def _grad_body(zs, zt, ms, mt, lzs, c, g, out_dtype: torch.dtype):
-    """g * exp(s - log Z_S) * ((s - t) - c); s, t shifted by the global maxima; per-row [rows, 1]."""
+def _grad_into_body(out, zs, zt, ms, mt, lzs, c, g) -> None:
+    """out = g * exp(s - log Z_S) * ((s - t) - c), s, t shifted by the global maxima; the
+    per-row args are [rows, 1] in the compute dtype. One pass, written into ``out``."""
     dt = ms.dtype
     s, t = zs.to(dt) - ms, zt.to(dt) - mt
-    return (g * (s - lzs).exp() * ((s - t) - c)).to(out_dtype)
-
-
-def _grad_into_body(out, zs, zt, ms, mt, lzs, c, g):
-    out.copy_(_grad_body(zs, zt, ms, mt, lzs, c, g, out.dtype))
+    out.copy_(g * (s - lzs).exp() * ((s - t) - c))
 
 
 _KERNELS: dict[str, tuple[Callable, Optional[Callable]]] = {
     "partials": (_partials_body, None),
-    "grad": (_grad_body, None),
     "grad_into": (_grad_into_body, None),
 }
 
@@ -166,17 +162,11 @@ def chunk_partials(zs: torch.Tensor, zt: torch.Tensor, *, full: bool) -> torch.T
     return _call("partials", zs, zt, full=full)
 
 
-def rkl_grad(zs, zt, ms, mt, lzs, c, g, *, out: Optional[torch.Tensor] = None,
-             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Compiled reverse-KL gradient of one chunk ``[rows, v]``; per-row args are ``[rows, 1]``.
-
-    Writes into ``out`` when given (a view of the caller's gradient), else returns a new tensor
-    of ``out_dtype``.
-    """
-    if out is not None:
-        _call("grad_into", out, zs, zt, ms, mt, lzs, c, g)
-        return out
-    return _call("grad", zs, zt, ms, mt, lzs, c, g, out_dtype=out_dtype or zs.dtype)
+def rkl_grad(zs, zt, ms, mt, lzs, c, g, *, out: torch.Tensor) -> torch.Tensor:
+    """Compiled reverse-KL gradient of one chunk ``[rows, v]`` written into ``out`` (same shape,
+    any float dtype; e.g. a view of the caller's gradient). Per-row args are ``[rows, 1]``."""
+    _call("grad_into", out, zs, zt, ms, mt, lzs, c, g)
+    return out
 
 
 def reduce_chunk(zs: torch.Tensor, zt: torch.Tensor, *, world: int, tp_group, full: bool,
