@@ -1,7 +1,11 @@
-"""Typed run configuration: YAML file + dotted command-line overrides.
+"""The run configuration: YAML file + dotted command-line overrides -> one typed, validated RunConfig.
 
-Each section is a dataclass; a component owns its own config (selection's lives in
-``megatron_tip.selection``). Unknown keys and wrongly typed values are errors naming the key.
+Each section is a dataclass owned by its component (``student``/``teacher``: models.config,
+``parallel``: distributed, ``data``: data, ``rollout``: rollout.config, ``selection``:
+selection.config, ``optim``: optim, ``train``: trainer, ``scoring``: scoring, ``run``:
+checkpoint.training, ``log``: metrics_log, ``eval``: eval.heldout); this module only composes
+them. Types come from the annotations, ranges from each section's ``__post_init__``, so an
+unknown key or a bad value fails at load time, naming it, before any model is built.
 """
 from __future__ import annotations
 
@@ -13,82 +17,26 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_tip.checkpoint.training import RunDirConfig
+from megatron_tip.data.dataset import DataConfig
+from megatron_tip.distributed import ParallelConfig
+from megatron_tip.eval.heldout import EvalConfig
+from megatron_tip.metrics_log import LogConfig
+from megatron_tip.models.config import ModelConfig
+from megatron_tip.optim import OptimConfig
+from megatron_tip.rollout.config import RolloutConfig
+from megatron_tip.scoring import ScoringConfig
 from megatron_tip.selection import SelectionConfig
+from megatron_tip.trainer import TrainConfig
 
-
-@dataclass
-class ModelConfig:
-    """Where a model's weights come from: an HF checkpoint dir or a megatron checkpoint dir."""
-
-    path: str = ""
-    dtype: str = "float32"  # params dtype: float32 | bfloat16
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
-
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-
-
-@dataclass
-class DataConfig:
-    """Prompts: a JSONL file with `problem` and `answer` fields."""
-
-    prompts: str = ""
-    # auto: the student's prompt_template.txt, else its chat template, else plain text;
-    # chat | plain | a literal template containing {problem} (megatron_tip.eval.prompts)
-    prompt_format: str = "auto"
-    enable_thinking: Optional[bool] = None  # Qwen3 chat templates: thinking on/off
-    max_prompt_len: int = 2048
-
-
-@dataclass
-class RolloutConfig:
-    engine: str = "megatron"  # megatron | vllm
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    vllm_gpu_memory_utilization: float = 0.4
-
-    def __post_init__(self) -> None:
-        if self.engine not in ("megatron", "vllm"):
-            raise ValueError(f"engine={self.engine!r}: must be megatron or vllm")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 10
-    prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
-    micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes
-    seed: int = 1234
-    out_dir: str = "runs/default"
-    save_every: int = 0  # 0: save only at the end
-    exit_interval: int = 0  # >0: checkpoint and exit after this many steps in this invocation
-    resume: bool = False
-    stats_chunk_size: Optional[int] = None  # token chunk inside the vocab-parallel ops (None: auto)
-    score_chunk_tokens: int = 512  # scoring pass: logits rows materialized at a time
-    vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
-    tensorboard: bool = True
-    dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
-    eval_prompts: str = ""  # optional held-out JSONL: student accuracy (greedy and T=1.0) before/after
-    eval_limit: int = 64
-    eval_before: bool = True  # also evaluate before training (sweeps skip the repeated baseline)
+# Keys that moved to their component's section (old configs get a pointer, not just "unknown").
+MOVED_KEYS = {
+    "train.out_dir": "run.out_dir", "train.resume": "run.resume", "train.save_every": "run.save_every",
+    "train.exit_interval": "run.exit_interval", "train.stats_chunk_size": "scoring.stats_chunk_size",
+    "train.score_chunk_tokens": "scoring.score_chunk_tokens", "train.vocab_size": "scoring.vocab_size",
+    "train.tensorboard": "log.tensorboard", "train.dump_token_stats": "log.dump_token_stats",
+    "train.eval_prompts": "eval.prompts", "train.eval_limit": "eval.limit", "train.eval_before": "eval.before",
+}
 
 
 @dataclass
@@ -101,6 +49,10 @@ class RunConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    run: RunDirConfig = field(default_factory=RunDirConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
@@ -151,7 +103,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+        names = [prefix + k + (f" (moved to {MOVED_KEYS[prefix + k]})" if prefix + k in MOVED_KEYS else "")
+                 for k in unknown]
+        raise ValueError(f"unknown config key(s): {', '.join(names)}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -198,7 +152,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         for section in (cfg.student, cfg.teacher):
             section.path = _resolve(section.path, base)
         cfg.data.prompts = _resolve(cfg.data.prompts, base)
-        cfg.train.eval_prompts = _resolve(cfg.train.eval_prompts, base)
+        cfg.eval.prompts = _resolve(cfg.eval.prompts, base)
     return cfg
 
 

@@ -15,6 +15,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.validation import at_least
+
+
+@dataclass
+class ParallelConfig:
+    """The ``parallel`` config section: model-parallel sizes (data parallel = world / (TP x PP))."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        at_least("tensor_parallel", self.tensor_parallel, 1)
+        at_least("pipeline_parallel", self.pipeline_parallel, 1)
+
 
 @dataclass
 class ParallelContext:
@@ -33,7 +47,6 @@ class ParallelContext:
     tp_group: Any
     pp_group: Any
     dp_group: Any  # data-parallel (with context parallel folded in: the gradient-reduce group)
-    mp_group: Any  # tensor x pipeline model-parallel group
     device: torch.device
     backend: str
 
@@ -96,9 +109,9 @@ def init_parallel(
         if "MASTER_PORT" not in os.environ:
             if world > 1:
                 raise RuntimeError("MASTER_PORT is not set; launch with torchrun or set it for srun")
-            from megatron_tip.testing.spawn import _free_port
+            from megatron_tip.launch import free_port
 
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
         if use_cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -124,7 +137,6 @@ def init_parallel(
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-        mp_group=ps.get_model_parallel_group(),
         device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
         backend=dist.get_backend(),
     )

@@ -3,7 +3,7 @@
 L = (1/|T|) sum_{t in T} KL(P_S(.|c_t) || P_T(.|c_t)) over the kept set T of the *global* batch.
 Each micro-batch returns (sum of its kept KLs, its kept count, report); with
 ``config.calculate_per_token_loss`` megatron's ``finalize_model_grads`` all-reduces the counts
-over data-parallel ranks and divides the gradients by the global |T| (DESIGN §3: the normalizer
+over data-parallel ranks and divides the gradients by the global |T| (docs/method.md §3: the normalizer
 is the global count of kept tokens, not a per-rank or per-micro-batch mean).
 """
 from __future__ import annotations

@@ -3,12 +3,30 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from tqdm import tqdm
 
 _SHOWN = ("loss", "kept_ratio", "rollout_accuracy", "frac_q3", "peak_memory_gb")
+
+
+@dataclass
+class LogConfig:
+    """The ``log`` config section."""
+
+    tensorboard: bool = True
+    dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated memory of this process: CUDA allocator on GPU, max RSS on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 class MetricsLogger:

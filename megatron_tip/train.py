@@ -10,10 +10,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_tip.build import build
+from megatron_tip.checkpoint.training import (remove_incomplete_checkpoints, resume_training,
+                                              save_training_checkpoint)
+from megatron_tip.checkpoint import tokenizer_dir
 from megatron_tip.config import load_config
 from megatron_tip.distributed import destroy_parallel, init_parallel
 from megatron_tip.metrics_log import MetricsLogger
-from megatron_tip.run_setup import TrainingSetup, remove_incomplete_checkpoints
 from megatron_tip.trainer import Trainer
 
 
@@ -25,38 +28,39 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
 
     ctx = init_parallel(cfg.parallel.tensor_parallel, pp=cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
-    out = cfg.train.out_dir
+    out = cfg.run.out_dir
     try:
-        setup = TrainingSetup(cfg, ctx)
+        parts = build(cfg, ctx)
+        checkpoint = dict(model=parts.student.module, optimizer=parts.optimizer, scheduler=parts.scheduler,
+                          spec=parts.student_spec, ctx=ctx)
         start = 0
-        if cfg.train.resume:
-            start = setup.resume(out)
+        if cfg.run.resume:
+            start = resume_training(out, **checkpoint)
         elif ctx.rank == 0:
             remove_incomplete_checkpoints(out)
         if ctx.rank == 0:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        trainer = Trainer(cfg, ctx, setup)
+        trainer = Trainer(cfg, ctx, parts)
         logger = MetricsLogger(out, enabled=ctx.rank == 0, total_steps=cfg.train.steps,
-                               start_step=start, tensorboard=cfg.train.tensorboard)
-        evalset = setup.eval_dataset()
+                               start_step=start, tensorboard=cfg.log.tensorboard)
         evals: dict = {}
-        if evalset is not None and start == 0 and cfg.train.eval_before:
-            evals["before"] = _evaluate(trainer, evalset, cfg.train.eval_limit)
+        if parts.eval_dataset is not None and start == 0 and cfg.eval.before:
+            evals["before"] = _evaluate(trainer, parts.eval_dataset, cfg.eval.limit)
             _report(ctx, "held-out before", evals["before"])
         last: dict = {}
         for step in range(start, cfg.train.steps):
             last = trainer.train_step(step)
             logger.log(last)
             final = step == cfg.train.steps - 1
-            leaving = bool(cfg.train.exit_interval) and step + 1 - start >= cfg.train.exit_interval
-            if final or leaving or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-                setup.save(step, out)
+            leaving = bool(cfg.run.exit_interval) and step + 1 - start >= cfg.run.exit_interval
+            if final or leaving or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                save_training_checkpoint(out, step, hf_dir=tokenizer_dir(cfg.student.path), **checkpoint)
             if leaving:
                 break
         logger.close()
-        if evalset is not None and last.get("step") == cfg.train.steps - 1:
-            evals["after"] = _evaluate(trainer, evalset, cfg.train.eval_limit)
+        if parts.eval_dataset is not None and last.get("step") == cfg.train.steps - 1:
+            evals["after"] = _evaluate(trainer, parts.eval_dataset, cfg.eval.limit)
             _report(ctx, "held-out after", evals["after"])
         if ctx.rank == 0:
             summary = {"final": last, "skipped_steps": trainer.skipped_steps, "out_dir": out, "eval": evals}

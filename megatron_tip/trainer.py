@@ -1,199 +1,85 @@
 """On-policy distillation with TIP token selection: one step reads as the algorithm.
 
-    rollouts  -> teacher hidden states (no grad) -> student scoring + token stats (no grad)
-              -> selection (global-batch statistics) -> gradient pass on kept positions only
-              -> optimizer step -> weight sync to the rollout engine
+    rollout -> score (teacher hidden states + student token stats, no grad) -> select (global batch)
+            -> gradient pass on kept positions only -> optimizer step -> weight sync to the engine
 
-Memory: the scoring pass runs both decoders without their output layers and computes logits
-from the final hidden states ``score_chunk_tokens`` rows at a time; only the teacher's hidden
-states [S, B, H] are kept. The gradient pass applies both output layers only at kept positions,
-so logits memory scales with the keep ratio (DESIGN §1).
+Memory: the scoring pass keeps only the teacher's final hidden states (``megatron_tip.scoring``);
+the gradient pass applies both output layers only at kept positions, so logits memory scales
+with the keep ratio.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_tip.config import RunConfig
-from megatron_tip.data import PackedBatch, pack_rollouts
-from megatron_tip.distributed import ParallelContext
+from megatron_tip.eval.heldout import count_correct, heldout_accuracy
 from megatron_tip.loss import kept_reverse_kl_loss
-from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
-from megatron_tip.ops import vocab_parallel_token_stats
+from megatron_tip.metrics_log import peak_memory_gb
+from megatron_tip.models.forward import output_logits, output_positions, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
-from megatron_tip.selection import select_tokens
-from megatron_tip.run_setup import TrainingSetup
+from megatron_tip.rollout.packing import PackedBatch, microbatches, pack_rollouts
+from megatron_tip.rollout.weight_sync import sync_weights
+from megatron_tip.scoring import ScoredBatch, score_batch
+from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
+from megatron_tip.selection import SelectionResult, select_tokens
+from megatron_tip.validation import at_least
+
+if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
+    from megatron_tip.build import Built
+    from megatron_tip.config import RunConfig
+    from megatron_tip.distributed import ParallelContext
 
 
 @dataclass
-class ScoredBatch:
-    """Everything the gradient pass needs from the scoring pass (last stage holds the stats)."""
+class TrainConfig:
+    """The ``train`` config section: how long and how big each step is."""
 
-    packed: PackedBatch
-    microbatches: list[dict]
-    teacher_hidden: list[torch.Tensor]  # per micro-batch [S, b, H] (last stage; else empty)
-    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each (last stage; else None)
+    steps: int = 10
+    prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
+    micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        at_least("steps", self.steps, 1)
+        at_least("prompts_per_step", self.prompts_per_step, 1)
+        at_least("micro_batch_size", self.micro_batch_size, 1)
 
 
 class Trainer:
-    """Drives the OPD loop over a ``TrainingSetup`` (models, optimizer, engine, data, logger)."""
+    """Drives the OPD loop over the parts of a run (``megatron_tip.build.Built``)."""
 
-    def __init__(self, cfg: RunConfig, ctx: ParallelContext, setup: TrainingSetup) -> None:
-        self.cfg, self.ctx, self.s = cfg, ctx, setup
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, parts: Built) -> None:
+        self.cfg, self.ctx, self.p = cfg, ctx, parts
         self.skipped_steps = 0
 
-    # ---- 1. rollouts ---------------------------------------------------------------------------
-    def rollouts(self, step: int) -> tuple[list, list]:
-        cfg, ctx = self.cfg, self.ctx
-        per_rank = cfg.train.prompts_per_step // ctx.dp
-        prompts = self.s.dataset.batch(step, size=cfg.train.prompts_per_step)
-        mine = prompts[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
-        params = SamplingParams(
-            n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.train.seed * 1_000_003 + step * 7919 + ctx.dp_rank, stop_token_ids=self.s.stop_ids)
-        return mine, self.s.engine.generate([p.ids for p in mine], params)
-
-    def microbatches(self, packed: PackedBatch) -> list[dict]:
-        """Split [B, S] into equal micro-batches (the pipeline schedule needs one shape)."""
-        mbs, b = self.cfg.train.micro_batch_size, packed.input_ids.shape[0]
-        out = []
-        for start in range(0, b, mbs):
-            sl = slice(start, min(start + mbs, b))
-            mb = {"input_ids": packed.input_ids[sl], "position_ids": packed.position_ids[sl],
-                  "target_ids": packed.target_ids[sl], "valid": packed.valid[sl], "rows": sl}
-            short = mbs - mb["input_ids"].shape[0]
-            if short:  # pad with all-pad rows that count nowhere
-                for k in ("input_ids", "position_ids", "target_ids", "valid"):
-                    mb[k] = torch.cat([mb[k], mb[k][:1].expand(short, -1).clone()])
-                mb["valid"][-short:] = False
-            out.append(mb)
-        return out
-
-    # ---- 2. teacher + student scoring (no grad) ----------------------------------------------
-    @torch.no_grad()
-    def score(self, packed: PackedBatch) -> ScoredBatch:
-        s = self.s
-        mbs = self.microbatches(packed)
-        teacher_hidden = self._final_hidden(s.teacher, mbs)  # kept for the gradient pass
-        student_hidden = self._final_hidden(s.student, mbs)  # dropped after scoring
-        stats_rows = [self._token_stats(mb, hs, ht) for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden)]
-        stats = None
-        if stats_rows:
-            b = packed.input_ids.shape[0]
-            stats = {k: torch.cat([r[k] for r in stats_rows])[:b] for k in stats_rows[0]}
-        return ScoredBatch(packed, mbs, teacher_hidden, stats)
-
-    def _final_hidden(self, model, mbs: list[dict]) -> list[torch.Tensor]:
-        """Final hidden states [S, b, H] per micro-batch (last stage); no logits are computed."""
-        hidden: list[torch.Tensor] = []
-        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        dummy = lambda mb, out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), {})  # noqa: E731
-        with capture_hidden(model, hidden):
-            run_microbatches(model, mbs, dummy, forward_only=True,
-                             prepare=lambda mb: output_positions(model, empty))
-        return hidden
-
-    def _token_stats(self, mb: dict, hs: torch.Tensor, ht: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token stats of one micro-batch; logits exist only ``score_chunk_tokens`` rows at a time."""
-        s, ctx = self.s, self.ctx
-        hs, ht = (h.transpose(0, 1).reshape(-1, h.shape[-1]) for h in (hs, ht))  # [b*S, H], row-major
-        targets = mb["target_ids"].reshape(-1)
-        step = self.cfg.train.score_chunk_tokens
-        parts = []
-        for i in range(0, hs.shape[0], step):
-            st = vocab_parallel_token_stats(
-                output_logits(s.student, hs[i:i + step]), output_logits(s.teacher, ht[i:i + step]),
-                tp_group=ctx.tp_group, vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size,
-                target_ids=targets[i:i + step])
-            parts.append(st)
-        shape = mb["input_ids"].shape
-        return {k: torch.cat([getattr(p, k) for p in parts]).reshape(shape) for k in
-                ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")}
-
-    # ---- 4. gradient pass on kept positions ----------------------------------------------------
-    def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> None:
-        s, ctx = self.s, self.ctx
-        index_of = []
-        for mb in scored.microbatches:
-            if mask is None:  # non-last PP stage: no output layer here
-                index_of.append(None)
-                continue
-            m = torch.zeros_like(mb["valid"])
-            rows = mask[mb["rows"]]
-            m[: rows.shape[0]] = rows
-            b_idx, s_idx = m.nonzero(as_tuple=True)
-            index_of.append((b_idx, s_idx))
-        position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
-
-        def prepare(mb):
-            return output_positions(s.student, index_of[position[id(mb)]])
-
-        def on_output(mb, logits):  # [1, n, V/TP] at kept positions
-            i = position[id(mb)]
-            b_idx, s_idx = index_of[i]
-            t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
-            with torch.no_grad():
-                t_logits = output_logits(s.teacher, t_hidden)
-            return kept_reverse_kl_loss(logits[0], t_logits, tp_group=ctx.tp_group,
-                                        vocab_size=s.vocab_size, chunk_size=self.cfg.train.stats_chunk_size)
-
-        s.student.train()
-        s.student.zero_grad_buffer()
-        s.optimizer.zero_grad()
-        run_microbatches(s.student, scored.microbatches, on_output, forward_only=False, prepare=prepare)
-
-    # ---- one step ---------------------------------------------------------------------------------
+    # ---- the step ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        ctx, s, cfg = self.ctx, self.s, self.cfg
         t0 = time.perf_counter()
-        prompts, rollouts = self.rollouts(step)
-        packed = pack_rollouts(rollouts, pad_id=s.pad_id)
+        prompts, rollouts = self.rollout(step)
+        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id)
         t1 = time.perf_counter()
         scored = self.score(packed)
         t2 = time.perf_counter()
-
-        # NaN/inf anywhere must skip the step on *every* rank (selection would raise otherwise).
-        bad = torch.zeros(1)
-        if scored.stats is not None:
-            v = packed.valid
-            bad[0] = float(any(not torch.isfinite(t[v]).all() for k, t in scored.stats.items()
-                               if k != "target_logprob"))
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        if not self.all_finite(scored):  # NaN/inf anywhere skips the step on every rank
             return self._skip(step, "non-finite token statistics")
-
-        metrics: dict[str, float] = {}
-        mask = None
-        if scored.stats is not None:
-            st = scored.stats
-            sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
-                                forward_kl=st["forward_kl"], valid=packed.valid, group=ctx.dp_group, step=step)
-            mask = sel.mask
-            metrics.update(sel.metrics)
-            metrics.update(self._teacher_entropy(st, packed.valid))
-            if cfg.train.dump_token_stats and step == cfg.train.steps - 1 and ctx.dp_rank == 0 and ctx.tp_rank == 0:
-                self._dump_token_stats(step, st, packed.valid, sel)
-        metrics = self._from_last_stage(metrics)  # every rank logs the same selection metrics
-        # Megatron divides gradients by the global kept count: with none kept there is no step.
-        if metrics.get("n_kept", 0.0) == 0:
+        sel, metrics = self.select(scored, step)
+        if metrics.get("n_kept", 0.0) == 0:  # megatron divides by the global kept count
             return self._skip(step, "no token selected")
         t3 = time.perf_counter()
-        lr = s.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        self.gradient_pass(scored, mask)
-        ok, grad_norm, _ = s.optimizer.step()
-        s.scheduler.step(increment=1)
+        lr = self.p.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        self.gradient_pass(scored, sel.mask if sel is not None else None)
+        ok, grad_norm = self.optimizer_step()
         t4 = time.perf_counter()
-        s.sync_engine_weights()
+        self.sync_weights()
         t5 = time.perf_counter()
 
-        metrics.update(s.rollout_metrics(prompts, rollouts, packed))
-        metrics.update(self._loss_from_stats(scored, mask))
+        metrics.update(self._rollout_metrics(prompts, rollouts, packed))
+        metrics.update(self._loss_from_stats(scored, sel.mask if sel is not None else None))
         n_tokens = float(packed.valid.sum())
         metrics.update({
             "step": step, "lr": lr,
@@ -204,9 +90,113 @@ class Trainer:
             "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "score_tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
             "train_tokens_per_s": n_tokens / max(t4 - t3, 1e-9),
-            "peak_memory_gb": s.peak_memory_gb(),
+            "peak_memory_gb": peak_memory_gb(self.ctx.device),
         })
         return metrics
+
+    # ---- 1. rollouts ------------------------------------------------------------------------------
+    def rollout(self, step: int) -> tuple[list, list]:
+        """This data-parallel rank's prompts of ``step`` and their sampled rollouts."""
+        cfg, ctx = self.cfg, self.ctx
+        per_rank = cfg.train.prompts_per_step // ctx.dp
+        prompts = self.p.dataset.batch(step, size=cfg.train.prompts_per_step)
+        mine = prompts[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
+        params = cfg.rollout.sampling(seed=derive_seed(cfg.train.seed, ROLLOUT, step, ctx.dp_rank),
+                                      stop_token_ids=self.p.stop_ids)
+        return mine, self.p.engine.generate([p.ids for p in mine], params)
+
+    # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
+    def score(self, packed: PackedBatch) -> ScoredBatch:
+        mbs = microbatches(packed, size=self.cfg.train.micro_batch_size)
+        return score_batch(packed, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
+                           vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
+
+    def all_finite(self, scored: ScoredBatch) -> bool:
+        """Whether every statistic the selection reads is finite (a vote of all ranks)."""
+        bad = torch.zeros(1, device=self.ctx.device)
+        if scored.stats is not None:
+            v = scored.packed.valid
+            bad[0] = float(any(not torch.isfinite(t[v]).all() for k, t in scored.stats.items()
+                               if k != "target_logprob"))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    # ---- 3. selection over the global batch ----------------------------------------------------------
+    def select(self, scored: ScoredBatch, step: int) -> tuple[Optional[SelectionResult], dict[str, float]]:
+        """Kept-token mask (last pipeline stage; None elsewhere) and selection metrics (every rank)."""
+        cfg, ctx = self.cfg, self.ctx
+        sel, metrics = None, {}
+        if scored.stats is not None:
+            st, valid = scored.stats, scored.packed.valid
+            sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
+                                forward_kl=st["forward_kl"], valid=valid, group=ctx.dp_group, step=step)
+            metrics.update(sel.metrics)
+            metrics.update(self._teacher_entropy(st, valid))
+            if cfg.log.dump_token_stats and step == cfg.train.steps - 1 and ctx.dp_rank == 0 and ctx.tp_rank == 0:
+                self._dump_token_stats(step, st, valid, sel)
+        return sel, self._from_last_stage(metrics)  # every rank logs the same selection metrics
+
+    # ---- 4. gradient pass on kept positions ----------------------------------------------------------
+    def gradient_pass(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> None:
+        """Backward of Σ KL(kept) / |kept|_global into the student's gradient buffers."""
+        p, ctx = self.p, self.ctx
+        index_of = []
+        for mb in scored.microbatches:
+            if mask is None:  # non-last PP stage: no output layer here
+                index_of.append(None)
+                continue
+            m = torch.zeros_like(mb["valid"])
+            rows = mask[mb["rows"]]
+            m[: rows.shape[0]] = rows
+            index_of.append(m.nonzero(as_tuple=True))
+        position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
+
+        def prepare(mb):
+            return output_positions(p.student, index_of[position[id(mb)]])
+
+        def on_output(mb, logits):  # [1, n, V/TP] at kept positions
+            i = position[id(mb)]
+            b_idx, s_idx = index_of[i]
+            t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
+            with torch.no_grad():
+                t_logits = output_logits(p.teacher, t_hidden)
+            return kept_reverse_kl_loss(logits[0], t_logits, tp_group=ctx.tp_group, vocab_size=p.vocab_size,
+                                        chunk_size=self.cfg.scoring.stats_chunk_size)
+
+        p.student.train()
+        p.student.zero_grad_buffer()
+        p.optimizer.zero_grad()
+        run_microbatches(p.student, scored.microbatches, on_output, forward_only=False, prepare=prepare)
+
+    # ---- 5. optimizer ---------------------------------------------------------------------------------
+    def optimizer_step(self) -> tuple[bool, Any]:
+        """AdamW step (with clipping) and one LR-schedule step; returns (update ok, grad norm)."""
+        ok, grad_norm, _ = self.p.optimizer.step()
+        self.p.scheduler.step(increment=1)
+        return ok, grad_norm
+
+    # ---- 6. weight sync ------------------------------------------------------------------------------
+    def sync_weights(self) -> None:
+        """Push the updated student into the rollout engine (no-op for the megatron engine)."""
+        sync_weights(self.p.engine, self.p.student, spec=self.p.student_spec, tp_group=self.ctx.tp_group)
+
+    # ---- held-out evaluation --------------------------------------------------------------------------
+    def evaluate(self, dataset, *, limit: int, samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
+        """Accuracy of the student on up to ``limit`` held-out prompts (graded, DP-sharded)."""
+        params = SamplingParams(n=samples, temperature=temperature, top_p=1.0,
+                                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                seed=derive_seed(self.cfg.train.seed, HELD_OUT), stop_token_ids=self.p.stop_ids)
+        return heldout_accuracy(self.p.engine, dataset.prompts[:limit], params, tokenizer=self.p.tokenizer,
+                                ctx=self.ctx)
+
+    # ---- metrics ------------------------------------------------------------------------------------------
+    def _rollout_metrics(self, prompts, rollouts, packed) -> dict[str, float]:
+        """Mean response length and grader accuracy over the global batch."""
+        correct = count_correct(rollouts, [p.answer for p in prompts], tokenizer=self.p.tokenizer)
+        t = torch.tensor([float(correct), float(len(rollouts)), float(packed.valid.sum())],
+                         dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(t, group=self.ctx.dp_group)
+        return {"rollout_accuracy": float(t[0] / t[1]), "response_len": float(t[2] / t[1])}
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """With PP>1 only the last stage scores and selects; its metrics go to every stage."""
@@ -224,30 +214,13 @@ class Trainer:
             print(f"step {step}: skipped ({why}); {self.skipped_steps} skipped so far", flush=True)
         return {"step": step, "skipped": 1.0, "skipped_steps": float(self.skipped_steps)}
 
-    # ---- held-out evaluation ----------------------------------------------------------------------
-    def evaluate(self, dataset, *, limit: int, samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
-        """Accuracy of the student on up to ``limit`` held-out prompts (graded, DP-sharded)."""
-        ctx, s = self.ctx, self.s
-        prompts = dataset.prompts[:limit]
-        mine = prompts[ctx.dp_rank::ctx.dp]
-        params = SamplingParams(n=samples, temperature=temperature, top_p=1.0,
-                                max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                seed=self.cfg.train.seed + 99_991, stop_token_ids=s.stop_ids)
-        rollouts = s.engine.generate([p.ids for p in mine], params) if mine else []
-        correct = s.count_correct(rollouts, mine)
-        t = torch.tensor([float(correct), float(len(rollouts))], dtype=torch.float64)
-        dist.all_reduce(t, group=ctx.dp_group)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # all PP stages report the same numbers
-        tag = "greedy" if temperature == 0 else f"T{temperature:g}"
-        return {f"eval_acc_{tag}": float(t[0] / max(t[1], 1)), "eval_n": float(t[1])}
-
     def _loss_from_stats(self, scored: ScoredBatch, mask: Optional[torch.Tensor]) -> dict[str, float]:
         """Loss value (global mean reverse KL over kept tokens), from the scoring pass's exact KLs.
 
         The gradient pass computes the same quantity at the same weights; taking it from the
         stats keeps the logging path independent of the pipeline schedule's return values.
         """
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         if scored.stats is not None and mask is not None:
             sums[0] = scored.stats["reverse_kl"][mask].double().sum()
             sums[1] = mask.sum()
@@ -259,7 +232,7 @@ class Trainer:
         """This rank's valid tokens of one step: h, reverse/forward KL, kept mask, quadrant thresholds."""
         from pathlib import Path
 
-        path = Path(self.cfg.train.out_dir) / f"token_stats_step{step:06d}.pt"
+        path = Path(self.cfg.run.out_dir) / f"token_stats_step{step:06d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"norm_entropy": st["norm_entropy"][valid], "reverse_kl": st["reverse_kl"][valid],
                     "forward_kl": st["forward_kl"][valid], "kept": sel.mask[valid],
@@ -267,8 +240,8 @@ class Trainer:
                     "kl_threshold": sel.metrics.get("kl_threshold")}, path)
 
     def _teacher_entropy(self, st, valid) -> dict[str, float]:
-        """Mean normalized teacher entropy over the global batch (logged only, DESIGN §1)."""
+        """Mean normalized teacher entropy over the global batch (logged only: nearly constant, paper appendix; docs/method.md §1)."""
         te = torch.stack([st["teacher_entropy"][valid].double().sum(), valid.sum().double()])
         dist.all_reduce(te, group=self.ctx.dp_group)
-        mean = float(te[0] / te[1]) / math.log(self.s.vocab_size) if te[1] > 0 else math.nan
+        mean = float(te[0] / te[1]) / math.log(self.p.vocab_size) if te[1] > 0 else math.nan
         return {"mean_teacher_h": mean}

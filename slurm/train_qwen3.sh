@@ -12,7 +12,7 @@
 #   RUN_ROOT           where runs, logs and checkpoints go (default $PWD/runs)
 #   VENV               virtualenv to activate (optional; install with pip install -e .[vllm,te])
 # Preemption: Slurm sends USR1 five minutes before the limit; the job requeues itself and the
-# next start resumes from the newest complete checkpoint (train.save_every steps apart).
+# next start resumes from the newest complete checkpoint (run.save_every steps apart).
 #SBATCH --job-name=tip-qwen3
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -58,5 +58,5 @@ srun --kill-on-bad-exit=1 torchrun \
   --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
   -m megatron_tip.train --config "$CONFIG" \
   student.path="$STUDENT" teacher.path="$TEACHER" data.prompts="$PROMPTS" \
-  train.out_dir="$OUT_DIR" train.resume="$RESUME" "$@" &
+  run.out_dir="$OUT_DIR" run.resume="$RESUME" "$@" &
 wait $!   # wait in the background so the USR1 trap can run while training

@@ -8,3 +8,20 @@ import megatron.core.dist_checkpointing  # noqa: E402,F401
 import megatron.core.models.gpt  # noqa: E402,F401
 import megatron.core.optimizer  # noqa: E402,F401
 import megatron.core.pipeline_parallel  # noqa: E402,F401
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.helpers.paths import TOY  # noqa: E402
+
+
+sys.path.insert(0, str(TOY))  # the toy task's modules (task.py, train_models.py) import as top-level
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The toy task's tokenizer, rebuilt from scratch (examples/toy/train_models.py)."""
+    from train_models import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_tip.testing import run_distributed
+from megatron_tip.launch import run_distributed
 from megatron_tip.testing.memory import PeakMemory
 from megatron_tip.testing.tiny_models import make_tiny_hf_model
 
@@ -30,10 +30,10 @@ TOKENIZER = REPO / "examples" / "toy" / "models" / "tokenizer"
 
 def _measure(rank, world, args, root, rho):
     from megatron_tip.config import load_config
-    from megatron_tip.data import pack_rollouts
+    from megatron_tip.rollout.packing import pack_rollouts
     from megatron_tip.distributed import init_parallel
     from megatron_tip.rollout.base import Rollout
-    from megatron_tip.run_setup import TrainingSetup
+    from megatron_tip.build import build
     from megatron_tip.selection import select_tokens
     from megatron_tip.trainer import Trainer
 
@@ -41,11 +41,11 @@ def _measure(rank, world, args, root, rho):
     policy = "all" if rho >= 1.0 else "topk"
     cfg = load_config(None, [
         f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
-        f"data.prompts={REPO / 'examples/toy/data/train.jsonl'}", f"train.vocab_size={args.vocab}",
+        f"data.prompts={REPO / 'examples/toy/data/train.jsonl'}", f"scoring.vocab_size={args.vocab}",
         f"train.micro_batch_size={args.micro_batch}", f"selection.policy={policy}",
-        f"selection.keep_ratio={rho}", "train.tensorboard=false", f"train.out_dir={root / 'run'}"])
+        f"selection.keep_ratio={rho}", "log.tensorboard=false", f"run.out_dir={root / 'run'}"])
     ctx = init_parallel(1)
-    setup = TrainingSetup(cfg, ctx)
+    setup = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
     g = torch.Generator().manual_seed(0)
     rollouts = [Rollout(prompt_index=i, prompt_ids=torch.randint(4, args.vocab, (16,), generator=g).tolist(),

@@ -45,7 +45,7 @@ warnings.simplefilter("ignore")  # megatron import warnings in forked ranks drow
 
 from megatron_tip.ops import vocab_parallel_reverse_kl, vocab_parallel_token_stats
 from megatron_tip.ops import token_stats as _ts
-from megatron_tip.testing import run_distributed
+from megatron_tip.launch import run_distributed
 
 
 def _maxrss_bytes() -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tip.selection import distributed_topk_mask
-from megatron_tip.testing import run_distributed
+from megatron_tip.launch import run_distributed
 
 try:  # forked ranks inherit it instead of importing megatron in every teardown
     import megatron.core.parallel_state  # noqa: F401

@@ -59,10 +59,10 @@ def run_point(policy: str, rho: float, *, args, out: Path, baseline: dict | None
     name = point_name(policy, rho, args)
     run_dir = out / "runs" / name
     ov = {**POLICIES[policy], "selection.keep_ratio": rho, "train.seed": args.seed,
-          "selection.seed": args.seed, "train.steps": args.steps, "train.out_dir": run_dir,
-          "train.eval_limit": args.eval_limit, "train.save_every": 0, "train.tensorboard": "false",
-          "train.dump_token_stats": "true", "optim.warmup_steps": min(2, args.steps - 1),
-          "train.eval_before": "false" if baseline else "true"}  # the untrained student once
+          "selection.seed": args.seed, "train.steps": args.steps, "run.out_dir": run_dir,
+          "eval.limit": args.eval_limit, "run.save_every": 0, "log.tensorboard": "false",
+          "log.dump_token_stats": "true", "optim.warmup_steps": min(2, args.steps - 1),
+          "eval.before": "false" if baseline else "true"}  # the untrained student once
     if args.student:
         ov["student.path"] = args.student
     cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(CONFIG),

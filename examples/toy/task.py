@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 # Splits are disjoint by construction: every split draws from its own seed stream.
 SPLIT_SEEDS = {"train": 1234, "heldout": 98765, "sft": 4242}
@@ -112,11 +112,3 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path, *, with_solution:
                 row.pop("solution")
             f.write(json.dumps(row) + "\n")
     return path
-
-
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield rows of a JSONL file."""
-    with Path(path).open() as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)

@@ -1,11 +1,10 @@
-"""End-to-end conversions (used by tools/convert_checkpoint.py and tests).
+"""End-to-end conversions (``python -m megatron_tip.convert`` and tests).
 
 Every input check runs in the calling process before any rank starts or any file is written;
 outputs go to a temp dir beside the target and are renamed into place only when complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -13,13 +12,15 @@ from typing import Optional
 
 import torch
 
-from megatron_tip.convert.checkpoint import (
-    HF_AUX_FILES, HF_DIR, check_output_dir, commit_dir, load_megatron_checkpoint,
-    read_checkpoint_info, save_megatron_checkpoint, temp_dir_for,
+from megatron_tip.checkpoint.layout import (
+    HF_DIR, check_output_dir, commit_dir, copy_hf_aux_files, is_hf_dir, read_checkpoint_info, read_spec,
+    temp_dir_for,
 )
-from megatron_tip.convert.families import hf_config_from_spec, spec_from_hf_config
-from megatron_tip.convert.hf_io import HFCheckpointReader, check_hf_checkpoint, load_hf_weights, save_hf_safetensors
-from megatron_tip.convert.mapping import all_names, canonical_to_hf
+from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_tip.launch import run_distributed
+from megatron_tip.models.hf.families import hf_config_from_spec
+from megatron_tip.models.hf.mapping import all_names, canonical_to_hf
+from megatron_tip.models.hf.weights import HFCheckpointReader, check_hf_checkpoint, load_hf_weights, save_hf_safetensors
 from megatron_tip.models.spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -27,11 +28,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def read_hf_spec(hf_dir: str | os.PathLike) -> ModelSpec:
-    """ModelSpec of an HF checkpoint dir's config.json (ValueError for unsupported models)."""
-    cfg_path = Path(hf_dir) / "config.json"
-    if not cfg_path.is_file():
+    """ModelSpec of an HF checkpoint dir (FileNotFoundError without config.json)."""
+    if not is_hf_dir(hf_dir):
         raise FileNotFoundError(f"no config.json in {str(hf_dir)!r}")
-    return spec_from_hf_config(json.loads(cfg_path.read_text()))
+    return read_spec(hf_dir)
 
 
 def hf_dtype(spec: ModelSpec) -> Optional[torch.dtype]:
@@ -88,8 +88,6 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
     if _in_launcher(tp * pp):
         _hf_to_megatron_rank(int(os.environ["RANK"]), tp * pp, *args)
         return
-    from megatron_tip.testing import run_distributed
-
     try:
         run_distributed(_hf_to_megatron_rank, tp * pp, *args, timeout=timeout)
     finally:
@@ -135,14 +133,9 @@ def megatron_to_hf(megatron_dir: str | os.PathLike, out: str | os.PathLike, *, o
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        from megatron_tip.testing import run_distributed
-
         files = run_distributed(_megatron_to_hf_rank, 1, str(megatron_dir), str(tmp), max_shard_bytes,
                                 torch_dtype, progress, timeout=timeout)[0]
-        src = Path(megatron_dir) / HF_DIR
-        for name in HF_AUX_FILES:
-            if name != "config.json" and (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_hf_aux_files(Path(megatron_dir) / HF_DIR, tmp, skip=("config.json",))
         hf_config_from_spec(spec).save_pretrained(str(tmp))
         commit_dir(tmp, out)
     except BaseException:

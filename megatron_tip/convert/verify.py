@@ -61,10 +61,10 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
 def megatron_checkpoint_logits(megatron_dir: str, input_ids: torch.Tensor, *, tp: int = 1, pp: int = 1,
                                timeout: float = 600.0) -> torch.Tensor:
     """Logits of a megatron checkpoint dir loaded at TP x PP (spawns tp*pp gloo ranks)."""
-    from megatron_tip.testing import run_distributed
+    from megatron_tip.launch import run_distributed
 
     def rank_fn(rank, world):
-        from megatron_tip.convert.checkpoint import load_megatron_checkpoint, read_checkpoint_info
+        from megatron_tip.checkpoint.model import load_megatron_checkpoint, read_checkpoint_info
         from megatron_tip.distributed import init_parallel
         from megatron_tip.models import build_gpt_model
 

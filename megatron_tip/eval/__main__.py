@@ -11,8 +11,10 @@ import time
 
 import torch
 
-from .prompts import INSTRUCTION, resolve_format
-from .runner import check_hf_dir, evaluate, load_problems, make_hf_generate_fn, print_summary, write_results
+from megatron_tip.data.prompts import INSTRUCTION, resolve_format
+from megatron_tip.data.jsonl import read_problems
+
+from .runner import check_hf_dir, evaluate, make_hf_generate_fn, print_summary, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     thinking = None if args.enable_thinking is None else args.enable_thinking == "true"
     fmt = resolve_format(tokenizer, fmt=args.prompt_format, model_dir=model_dir,
                          instruction=args.instruction, enable_thinking=thinking)
-    problems = load_problems(args.data, limit=args.limit)
+    problems = read_problems(args.data, limit=args.limit, what="data file")
     gen = make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               add_special_tokens=fmt.add_special_tokens, progress=not args.no_progress)

@@ -13,42 +13,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_tip.checkpoint.layout import SPEC_FILE, is_hf_dir
+
 from .grading import extract_boxed, grade
 from .metrics import aggregate, problem_metrics
-from .prompts import PromptFormat, build_prompt
+from megatron_tip.data.prompts import PromptFormat, build_prompt
 
 GenerateFn = Callable[[list[str], int], list[list[str]]]
-
-
-def load_problems(path: str | Path, *, limit: int | None = None) -> list[dict]:
-    """Rows with ``problem`` and ``answer`` from a JSONL file (first ``limit`` rows)."""
-    rows = []
-    with Path(path).open() as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                if "problem" not in row or "answer" not in row:
-                    raise ValueError(f"{path}: every row needs 'problem' and 'answer', got keys {sorted(row)}")
-                rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
 
 
 def check_hf_dir(model_dir: str | Path, *, export_to: str | Path | None = None) -> Path:
     """Validate that ``model_dir`` is a HF checkpoint. A megatron_tip checkpoint (model_spec.json)
     is exported to HF format under ``export_to`` first (the same converter as
-    tools/convert_checkpoint.py megatron-to-hf); without ``export_to`` it is an error."""
+    python -m megatron_tip.convert megatron-to-hf); without ``export_to`` it is an error."""
     d = Path(model_dir)
-    if (d / "model_spec.json").is_file() and not (d / "config.json").is_file():
+    if (d / SPEC_FILE).is_file() and not is_hf_dir(d):
         if export_to is None:
             raise SystemExit(f"{d} is a megatron_tip checkpoint; evaluation loads HF checkpoints: "
-                             f"convert with `python tools/convert_checkpoint.py megatron-to-hf` first")
+                             f"convert with `python -m megatron_tip.convert megatron-to-hf` first")
         from megatron_tip.convert.run import megatron_to_hf
 
         megatron_to_hf(d, export_to, overwrite=True)
         return Path(export_to)
-    if not (d / "config.json").is_file():
+    if not is_hf_dir(d):
         raise SystemExit(f"{d}: no config.json, not a HF checkpoint directory")
     return d
 

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from megatron_tip.models.spec import ModelSpec
 
-VOCAB_DIVISIBLE_BY = 128  # megatron's default make-vocab-size-divisible-by
-
 
 def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
     """Fail fast (ValueError naming the numbers) on layouts megatron would assert or hang on."""
@@ -121,7 +119,7 @@ def build_gpt_model(
     check_model_parallel(spec, tp=tp, pp=pp)
     config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype)
     config.calculate_per_token_loss = per_token_loss
-    vocab = padded_vocab_size or spec.padded_vocab_size(tp, VOCAB_DIVISIBLE_BY)
+    vocab = padded_vocab_size or spec.padded_vocab_size(tp)
     if vocab < spec.vocab_size or vocab % tp:
         raise ValueError(f"padded_vocab_size={vocab} must be >= vocab_size={spec.vocab_size} "
                          f"and divisible by tensor_parallel size {tp}")

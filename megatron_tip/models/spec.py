@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+VOCAB_DIVISIBLE_BY = 128  # megatron's default make-vocab-size-divisible-by
+
+
+def padded_vocab(vocab_size: int, *, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """``vocab_size`` rounded up so each of ``tp`` vocab shards is a multiple of ``divisible_by``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass
 class ModelSpec:
     """Architecture of a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE)."""
@@ -55,20 +64,9 @@ class ModelSpec:
     def head_dim(self) -> int:
         return int(self.kv_channels)
 
-    def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
+    def padded_vocab_size(self, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
         """Vocab rows after padding so each of ``tp`` shards is a multiple of ``divisible_by``."""
-        multiple = divisible_by * tp
-        return ((self.vocab_size + multiple - 1) // multiple) * multiple
-
-    def num_parameters(self) -> int:
-        """Parameter count of the unpadded model (embeddings counted once when tied)."""
-        h, f, v, d = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
-        attn += 2 * d if self.qk_layernorm else 0
-        layer = attn + 3 * h * f + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+        return padded_vocab(self.vocab_size, tp=tp, divisible_by=divisible_by)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,10 +18,7 @@ import torch.distributed as dist
 
 from megatron_tip.models.forward import output_positions, run_microbatches
 from megatron_tip.rollout.base import Rollout, SamplingParams
-
-
-def _row_seed(seed: int, prompt: int, sample: int) -> int:
-    return (seed * 1_000_003 + prompt * 10_007 + sample * 101 + 17) % (2**63 - 1)
+from megatron_tip.seeding import derive_seed
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
@@ -41,6 +38,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
 
 class MegatronEngine:
     """Rollout engine over a (possibly TP/PP-sharded) megatron GPTModel stage."""
+
+    shares_training_weights = True  # samples with the training model itself: nothing to sync
 
     def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
                  micro_batch_size: int = 16) -> None:
@@ -108,7 +107,7 @@ class MegatronEngine:
         ids = torch.full((len(rows), int(plens.max()) + params.max_new_tokens), self.pad_id, dtype=torch.long)
         for r, (i, _) in enumerate(rows):
             ids[r, : plens[r]] = torch.tensor(prompts[i], dtype=torch.long)
-        gens = [torch.Generator().manual_seed(_row_seed(params.seed, i, j)) for i, j in rows]
+        gens = [torch.Generator().manual_seed(derive_seed(params.seed, i, j)) for i, j in rows]
         stop = torch.tensor(list(params.stop_token_ids) or [-1])
         return ids, plens, gens, stop
 

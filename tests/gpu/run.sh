@@ -11,7 +11,7 @@ t1=$(date +%s)
 python -c "import torch, vllm; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| vllm', vllm.__version__)"
 
 status=0
-timeout 480 python -m pytest -m "vllm" tests/test_vllm_engine.py tests/test_trainer_vllm.py -v -s "$@" || status=$?
+timeout 480 python -m pytest -m "vllm" tests/unit/test_vllm_engine.py tests/integration/test_trainer_vllm.py -v -s "$@" || status=$?
 t2=$(date +%s)
 
 nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv

@@ -1,0 +1,123 @@
+"""Build everything a run needs before its first step, and nothing else.
+
+``build(cfg, ctx)`` returns a :class:`Built`: tokenizer, teacher (frozen), student (megatron DDP),
+optimizer and LR schedule, rollout engine, prompt sets. Checkpoints live in
+``megatron_tip.checkpoint``, the step in ``megatron_tip.trainer``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from megatron_tip.checkpoint import is_hf_dir, load_weights, read_spec, tokenizer_dir
+from megatron_tip.config import RunConfig
+from megatron_tip.data import PromptDataset
+from megatron_tip.data.prompts import build_prompt, resolve_format
+from megatron_tip.distributed import ParallelContext
+from megatron_tip.models.builder import build_gpt_model
+from megatron_tip.models.config import ModelConfig
+from megatron_tip.models.spec import ModelSpec, padded_vocab
+from megatron_tip.optim import build_optimizer
+from megatron_tip.rollout import build_engine
+
+
+@dataclass
+class Built:
+    """The parts of a run; the Trainer reads them."""
+
+    tokenizer: Any
+    student_spec: ModelSpec
+    teacher_spec: ModelSpec
+    vocab_size: int  # the true vocabulary both models are compared on
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    teacher: Any  # frozen GPTModel stage
+    student: Any  # megatron DistributedDataParallel around the student's GPTModel stage
+    optimizer: Any
+    scheduler: Any
+    engine: Any  # rollout engine (megatron_tip.rollout)
+    dataset: PromptDataset
+    encode: Callable[[str], list[int]]  # problem text -> prompt token ids (format of the student)
+    eval_dataset: Optional[PromptDataset] = None
+
+
+def shared_vocab(student: ModelSpec, teacher: ModelSpec, tokenizer, override: Optional[int]) -> int:
+    """The true vocabulary both models are compared on (docs/design_notes.md: align on it, pad the rest).
+
+    HF configs often pad the embedding (Qwen2.5: 151,936 vs 152,064); what must agree is the
+    tokenizer's range. A model smaller than the tokenizer is a real mismatch.
+    """
+    v = override or len(tokenizer)
+    for name, spec in (("student", student), ("teacher", teacher)):
+        if spec.vocab_size < v:
+            raise ValueError(f"{name} vocab_size={spec.vocab_size} is smaller than the shared "
+                             f"vocabulary {v} (tokenizer length or scoring.vocab_size): the teacher's "
+                             f"vocabulary differs from the student's beyond padding")
+    return v
+
+
+def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, *, train: bool):
+    model = build_gpt_model(spec, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, params_dtype=mc.torch_dtype,
+                            padded_vocab_size=padded, per_token_loss=train)
+    load_weights(model, mc.path, spec=spec, tp=ctx.tp, tp_rank=ctx.tp_rank, pp=ctx.pp, pp_rank=ctx.pp_rank)
+    if not train:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _ddp(model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module=model)
+
+
+def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
+    """Build this rank's parts of the run described by ``cfg`` (collective: loads sharded weights)."""
+    from transformers import AutoTokenizer
+
+    if cfg.train.prompts_per_step % ctx.dp:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by "
+                         f"the data-parallel size {ctx.dp}")
+    for name, mc in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if not mc.path:
+            raise ValueError(f"{name}.path is not set")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.student.path))
+    student_spec, teacher_spec = read_spec(cfg.student.path), read_spec(cfg.teacher.path)
+    if AutoTokenizer.from_pretrained(tokenizer_dir(cfg.teacher.path)).get_vocab() != tokenizer.get_vocab():
+        raise ValueError("teacher and student tokenizers differ: distillation needs one vocabulary")
+    vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
+    if cfg.rollout.engine == "vllm" and not is_hf_dir(cfg.student.path):
+        raise ValueError("rollout.engine=vllm starts vLLM from the student's HF dir; student.path is a "
+                         "megatron checkpoint (convert it with python -m megatron_tip.convert megatron-to-hf)")
+
+    # Both models shard the same padded vocab so their logits shards line up column by column.
+    padded = padded_vocab(max(student_spec.vocab_size, teacher_spec.vocab_size), tp=ctx.tp)
+    teacher = _model(teacher_spec, cfg.teacher, padded, ctx, train=False)
+    student = _ddp(_model(student_spec, cfg.student, padded, ctx, train=True))
+    optimizer, scheduler = build_optimizer(student, cfg.optim, params_dtype=cfg.student.torch_dtype,
+                                           total_steps=cfg.train.steps)
+
+    fmt = resolve_format(tokenizer, fmt=cfg.data.prompt_format, model_dir=tokenizer_dir(cfg.student.path),
+                         enable_thinking=cfg.data.enable_thinking)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(build_prompt(text, tokenizer=tokenizer, fmt=fmt),
+                         add_special_tokens=fmt.add_special_tokens)["input_ids"]
+
+    def prompts(path: str) -> PromptDataset:
+        return PromptDataset(path, encode=encode, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed)
+
+    engine = build_engine(cfg.rollout, model=student, ctx=ctx, vocab_size=vocab_size, pad_id=pad_id,
+                          hf_dir=cfg.student.path, dtype=cfg.student.dtype,
+                          max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                          seed=cfg.train.seed, micro_batch_size=max(cfg.train.micro_batch_size, 8))
+    return Built(tokenizer=tokenizer, student_spec=student_spec, teacher_spec=teacher_spec, vocab_size=vocab_size,
+                 pad_id=pad_id, stop_ids=stop_ids, teacher=teacher, student=student, optimizer=optimizer,
+                 scheduler=scheduler, engine=engine, dataset=prompts(cfg.data.prompts), encode=encode,
+                 eval_dataset=prompts(cfg.eval.prompts) if cfg.eval.prompts else None)

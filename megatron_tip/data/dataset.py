@@ -1,0 +1,61 @@
+"""Prompts in: the ``data`` config section and a tokenized, deterministically ordered prompt set.
+
+``PromptDataset`` formats and tokenizes every prompt once and hands out a deterministic order:
+step s of a run always sees the same prompts, so a resumed run continues exactly where the
+interrupted one stopped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megatron_tip.data.jsonl import numbered_problems
+from megatron_tip.seeding import PROMPT_ORDER, derive_seed
+
+
+@dataclass
+class DataConfig:
+    """Prompts: a JSONL file with `problem` and `answer` fields."""
+
+    prompts: str = ""
+    # auto: the student's prompt_template.txt, else its chat template, else plain text;
+    # chat | plain | a literal template containing {problem} (megatron_tip.data.prompts)
+    prompt_format: str = "auto"
+    enable_thinking: Optional[bool] = None  # Qwen3 chat templates: thinking on/off
+    max_prompt_len: int = 2048
+
+
+@dataclass
+class Prompt:
+    problem: str
+    answer: str
+    ids: list[int]
+
+
+class PromptDataset:
+    """Tokenized prompts with a seeded, epoch-wise shuffled order."""
+
+    def __init__(self, path: str, *, encode: Callable[[str], list[int]], max_prompt_len: int,
+                 seed: int) -> None:
+        self.prompts: list[Prompt] = []
+        for n, row in numbered_problems(path):
+            ids = encode(str(row["problem"]))
+            if len(ids) > max_prompt_len:
+                raise ValueError(f"{path}:{n}: prompt has {len(ids)} tokens, more than "
+                                 f"data.max_prompt_len={max_prompt_len}")
+            self.prompts.append(Prompt(str(row["problem"]), str(row["answer"]), ids))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, step: int, *, size: int) -> list[Prompt]:
+        """The ``size`` prompts of global step ``step`` (0-based), identical on every rank."""
+        out = []
+        for k in range(step * size, (step + 1) * size):
+            epoch, pos = divmod(k, len(self.prompts))
+            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch)))
+            out.append(self.prompts[int(order[pos])])
+        return out

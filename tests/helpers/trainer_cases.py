@@ -1,0 +1,31 @@
+"""Shared fixtures for trainer tests: a tiny teacher/student pair and a run config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_tip.testing.tiny_models import make_tiny_hf_model
+
+from tests.helpers.paths import REPO
+TOKENIZER = REPO / "examples" / "toy" / "models" / "tokenizer"
+PROMPTS = REPO / "examples" / "toy" / "data" / "train.jsonl"
+TEMPLATE = "{problem}="
+
+
+def make_pair(root: Path) -> tuple[Path, Path]:
+    """Random teacher (untied, 2 layers) and student (tied, smaller) sharing the toy tokenizer."""
+    t = make_tiny_hf_model(root / "teacher", tokenizer_dir=TOKENIZER, family="qwen3", hidden=64,
+                           layers=2, heads=4, kv_heads=2, ffn=128, seed=1, prompt_template=TEMPLATE)
+    s = make_tiny_hf_model(root / "student", tokenizer_dir=TOKENIZER, family="llama", hidden=32,
+                           layers=2, heads=2, kv_heads=2, ffn=64, seed=2, tie=True, prompt_template=TEMPLATE)
+    return t, s
+
+
+def overrides(root: Path, teacher: Path, student: Path, **extra) -> list[str]:
+    base = {
+        "student.path": student, "teacher.path": teacher, "data.prompts": PROMPTS,
+        "rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 8,
+        "optim.lr": 1e-3, "train.steps": 2, "train.prompts_per_step": 4,
+        "train.micro_batch_size": 4, "run.out_dir": root / "run", "log.tensorboard": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
