@@ -133,6 +133,9 @@ _KERNELS: dict[str, tuple[Callable, Optional[Callable]]] = {
 def _call(name: str, *args, **static):
     """Run kernel ``name`` compiled; on the first call per shape, time it and catch compile errors."""
     body, compiled = _KERNELS[name]
+    # Detached views: dynamo guards on requires_grad, and the same kernel serves inputs with and
+    # without autograd history (no graph is recorded here either way; ``out`` shares storage).
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     if _state["broken"] is not None:
         return body(*args, **static)
     if compiled is None:
@@ -263,7 +266,7 @@ def backward_into(grad: torch.Tensor, zs2: torch.Tensor, zt2: torch.Tensor, save
     grad[:, v_valid:] = 0
     if v_valid == 0 or n == 0:
         return
-    col = lambda x: x.unsqueeze(1)  # noqa: E731  [N] -> [N, 1]
+    col = lambda x: x.contiguous().unsqueeze(1)  # noqa: E731  [N] -> [N, 1], one stride pattern
     c = saved[1] - saved[3] + kl    # log p - log q - KL = (s - t) - c
     args = [col(saved[0]), col(saved[2]), col(saved[1]), col(c), col(g)]
     r = row_bucket(n, rows)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tip.ops import compiled as _compiled
+import megatron_tip.ops.compiled as _compiled
 from megatron_tip.ops.compiled import compute_dtype
 from megatron_tip.ops.token_stats import (
     VocabParallelTokenStatsMath,
@@ -79,7 +79,7 @@ def _chunk_grad(zs, zt, saved, kl, g, *, k, impl, out):
         return out[:k]
     rows = zs.shape[0]
     c = saved[1] - saved[3] + kl
-    col = [_pad_rows(x, rows).unsqueeze(1) for x in (saved[0], saved[2], saved[1], c, g)]
+    col = [_pad_rows(x, rows).contiguous().unsqueeze(1) for x in (saved[0], saved[2], saved[1], c, g)]
     return _compiled.rkl_grad(zs, zt, *col, out=out)[:k]
 
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tip.ops import compiled as _compiled
+import megatron_tip.ops.compiled as _compiled
 from megatron_tip.ops.compiled import compute_dtype as _compute_dtype
 
 # Target size of one fp32 work buffer [chunk, V_local]; the forward holds five of them.

@@ -1,0 +1,87 @@
+"""Shared cases for the fused output-layer + reverse-KL tests: inputs and a float64 reference."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron_tip.ops import vocab_parallel_linear_reverse_kl
+
+
+def make_inputs(n, v_total, h_s, h_t, seed=0):
+    """Full-vocab weights [v_total, H] (padding rows included) and hidden states [n, H], fp64.
+
+    Logits h W^T have std ~3 (like a trained LM head), teacher correlated with the student.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ws = torch.randn(v_total, h_s, generator=g, dtype=torch.float64) * (3 / h_s ** 0.5)
+    wt = torch.randn(v_total, h_t, generator=g, dtype=torch.float64) * (3 / h_t ** 0.5)
+    hs = torch.randn(n, h_s, generator=g, dtype=torch.float64)
+    ht = torch.randn(n, h_t, generator=g, dtype=torch.float64)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+    return ws, wt, hs, ht, weights
+
+
+def reference(ws, wt, hs, ht, vocab_size, grad_w):
+    """float64 full-vocab KL(P_S||P_T) [n] and the gradients of sum(grad_w * KL) w.r.t. hs, ws."""
+    hs = hs.double().clone().requires_grad_(True)
+    ws = ws.double().clone().requires_grad_(True)
+    ls = torch.log_softmax((hs @ ws.t())[:, :vocab_size], -1)
+    lt = torch.log_softmax((ht.double() @ wt.double().t())[:, :vocab_size], -1)
+    kl = (ls.exp() * (ls - lt)).sum(-1)
+    gh, gw = torch.autograd.grad((kl * grad_w.double()).sum(), (hs, ws))
+    return kl.detach(), gh, gw
+
+
+def run_fused(ws, wt, hs, ht, weights, *, rank, world, group, vocab_size, dtype, chunk, impl, weighted):
+    """This rank's fused op on its weight shard; returns (kl, grad hidden, grad weight shard).
+
+    ``weighted=False`` uses the loss 2.5 * sum(KL) (uniform dL/dKL: gradient formed in forward);
+    ``True`` uses sum(w * KL) (per-token dL/dKL: backward recomputes the chunks).
+    """
+    width = ws.shape[0] // world
+    sl = slice(rank * width, (rank + 1) * width)
+    h = hs.to(dtype).clone().requires_grad_(True)
+    w = ws[sl].to(dtype).clone().requires_grad_(True)
+    t_h, t_w = ht.to(dtype).clone(), wt[sl].to(dtype).clone()
+    before = [x.detach().clone() for x in (h, w, t_h, t_w)]
+    kl = vocab_parallel_linear_reverse_kl(h, w, t_h, t_w, tp_group=group, vocab_size=vocab_size,
+                                          chunk_size=chunk, impl=impl)
+    loss = (kl * weights.to(kl.dtype)).sum() if weighted else 2.5 * kl.sum()
+    loss.backward()
+    # Never modify the caller's tensors, in forward or backward.
+    assert all(torch.equal(a, b) for a, b in zip(before, (h.detach(), w.detach(), t_h, t_w)))
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    return kl.detach(), h.grad, w.grad
+
+
+def check(results, ws, wt, hs, ht, weights, *, vocab_size, weighted, atol, rtol):
+    """Compare per-rank results of :func:`run_fused` with the float64 reference."""
+    grad_w = weights if weighted else torch.full_like(weights, 2.5)
+    kl_ref, gh_ref, gw_ref = reference(ws, wt, hs, ht, vocab_size, grad_w)
+    for kl, gh, _ in results:
+        torch.testing.assert_close(kl.double(), kl_ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(gh.double(), gh_ref, atol=atol, rtol=rtol)  # full, summed over ranks
+    gw = torch.cat([r[2] for r in results]).double()
+    torch.testing.assert_close(gw, gw_ref, atol=atol, rtol=rtol)
+    assert (gw[vocab_size:] == 0).all()  # padding rows of the weight get no gradient
+
+
+@contextlib.contextmanager
+def kernels_uncompiled():
+    """Run the compiled path's chunk loops with the kernel bodies as plain PyTorch (no inductor).
+
+    Tests the loop logic (row buckets, overlapping last chunk, padding, the local-to-global
+    rescaling between the two all-reduces) in seconds; inductor itself is tested separately.
+    """
+    import megatron_tip.ops.compiled as c
+
+    kernels, log = dict(c._KERNELS), dict(c.COMPILE_LOG)
+    c._KERNELS.update({k: (body, body) for k, (body, _) in kernels.items()})
+    try:
+        yield
+    finally:
+        c._KERNELS.clear()
+        c._KERNELS.update(kernels)
+        c.COMPILE_LOG.clear()
+        c.COMPILE_LOG.update(log)
