@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ENV_VAR = "MEGATRON_TIP_OPS_IMPL"
 IMPLS = ("auto", "eager", "compiled")
@@ -136,7 +137,9 @@ def _call(name: str, *args, **static):
     # Detached views: dynamo guards on requires_grad, and the same kernel serves inputs with and
     # without autograd history (no graph is recorded here either way; ``out`` shares storage).
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    if _state["broken"] is not None:
+    if _state["broken"] is not None or is_in_torch_dispatch_mode(include_infra_modes=False):
+        # torch.compile refuses to run under a user TorchDispatchMode (e.g. the PeakMemory
+        # tracker): run the same body as plain PyTorch ops there.
         return body(*args, **static)
     if compiled is None:
         compiled = torch.compile(body, dynamic=False, fullgraph=True)

@@ -37,9 +37,10 @@ def test_matches_float64_reference(impl, dtype, weighted):
 
 def test_bf16_within_tolerance():
     """bf16 weights/hidden: the matmul rounds logits to bf16 (as megatron's output layer does),
-    stats run in fp32. Stated tolerance vs float64 math on the same bf16 inputs: 3e-2 abs + 3e-2
-    rel (measured: KL off by <= 0.041 on values up to 10.8, gradients by <= 0.024 on values up
-    to 3.3 -- the bf16 logit rounding). Against today's bf16 path (logits = h W^T in bf16, then
+    stats run in fp32. Stated tolerance vs float64 math on the same bf16 inputs: 2% of each
+    tensor's largest magnitude + 3% relative (measured: KL off by <= 0.041 on values up to 10.8,
+    gradients by <= 0.024 on values up to 3.3 -- the bf16 rounding of logits and of dKL/dz,
+    which today's path has too). Against today's bf16 path (logits = h W^T in bf16, then
     vocab_parallel_reverse_kl): KL and the hidden gradient identical, the weight gradient within
     one bf16 rounding (it is accumulated over chunks in fp32 and rounded once per chunk)."""
     vocab = 64
@@ -48,7 +49,7 @@ def test_bf16_within_tolerance():
     res = run_fused(ws, wt, hs, ht, w, rank=0, world=1, group=None, vocab_size=vocab, dtype=torch.bfloat16,
                     chunk=8, impl="eager", weighted=True)
     assert res[0].dtype == torch.float32
-    check([res], ws, wt, hs, ht, w, vocab_size=vocab, weighted=True, atol=3e-2, rtol=3e-2)
+    check([res], ws, wt, hs, ht, w, vocab_size=vocab, weighted=True, atol=2e-2, rtol=3e-2, scaled=True)
     h, W = hs.bfloat16().requires_grad_(True), ws.bfloat16().requires_grad_(True)
     kl = vocab_parallel_reverse_kl(h @ W.t(), ht.bfloat16() @ wt.bfloat16().t(), vocab_size=vocab, impl="eager")
     (kl * w.float()).sum().backward()
