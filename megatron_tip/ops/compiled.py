@@ -3,11 +3,11 @@
 Two kernels, each one pass over a ``[rows, v]`` chunk of both models' logits (inductor emits
 vectorized C++ on CPU and Triton on CUDA; no ``[rows, v]`` temporaries):
 
-* :func:`chunk_partials` -- shard-local maxima and the sums relative to them
-  (Z, <e^a, a-b>, ... with a, b the logits minus their *local* maxima). Relative to local maxima
-  the kernel needs no communication, so the MAX all-reduce and the SUM all-reduce stay
-  outside it (:func:`reduce_chunk` rescales by exp(m_local - m_global) in between, the
-  online-softmax identity).
+* :func:`chunk_partials` -- shard-local shifts m (a cheap lower bound of the row max, or the
+  max itself) and the sums relative to them (Z, <e^a, a-b>, ... with a, b the logits minus
+  m). Relative to local shifts the kernel needs no communication, so the MAX all-reduce and
+  the SUM all-reduce stay outside it (:func:`reduce_chunk` rescales by exp(m_local - m_global)
+  in between, the online-softmax identity).
 * :func:`rkl_grad` -- dKL/dz for one chunk: g * p_S * (s - t - c), written straight into the
   caller's gradient slice (or a new tensor).
 
@@ -39,6 +39,9 @@ IMPLS = ("auto", "eager", "compiled")
 # Below this many columns per shard "auto" stays eager (measured in docs/ops.md: compile
 # costs ~15 s per shape on the 2-core CPU box, while tiny shapes take microseconds eagerly).
 AUTO_MIN_VOCAB = 4096
+# Shift = max over every SHIFT_STRIDE-th column (1 KiB apart in fp32: one cache line in 16 is read).
+SHIFT_STRIDE = 256
+SHIFT_LIMIT = 40.0
 # (kernel name, shapes, dtypes, device) -> seconds of the first call (compile + one run).
 COMPILE_LOG: dict[tuple, float] = {}
 _state = {"broken": None}  # first compile error message, once one happened
@@ -102,12 +105,19 @@ def chunk_starts(n: int, r: int) -> list[int]:
 
 # ---- kernel bodies (plain torch; compiled below, or run as-is as the fallback) -----------------
 
-def _partials_body(zs: torch.Tensor, zt: torch.Tensor, full: bool) -> torch.Tensor:
+def _partials_body(zs: torch.Tensor, zt: torch.Tensor, full: bool, exact: bool) -> torch.Tensor:
     """[rows, v] x2 -> [8 (full) or 5, rows]: m_S, m_T, Z_a, Z_b, <e^a,d>[, <e^b,d>, <e^a,a>, <e^b,b>]
-    with a = z_S - m_S, b = z_T - m_T (local maxima) and d = a - b formed before the products."""
+    with a = z_S - m_S, b = z_T - m_T and d = a - b formed before the products.
+
+    The shifts m are the row maxima (``exact``) or the maxima of every ``SHIFT_STRIDE``-th column:
+    any shift gives the same statistics after the rescaling in :func:`reduce_chunk`, and the
+    subsampled one spares a full read of both chunks (the exact max is a separate,
+    memory-bound pass). A shift far below the max overflows; :func:`_shift_ok` catches that.
+    """
     dt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
     zs, zt = zs.to(dt), zt.to(dt)
-    ms, mt = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
+    step = 1 if exact else SHIFT_STRIDE
+    ms, mt = zs[:, ::step].amax(-1, keepdim=True), zt[:, ::step].amax(-1, keepdim=True)
     a, b = zs - ms, zt - mt
     ea, eb = a.exp(), b.exp()
     d = a - b
@@ -117,8 +127,15 @@ def _partials_body(zs: torch.Tensor, zt: torch.Tensor, full: bool) -> torch.Tens
     return torch.stack(rows)
 
 
+def _shift_ok(loc: torch.Tensor) -> bool:
+    """Subsampled shifts are accepted when both local normalizers are finite and <= e^SHIFT_LIMIT,
+    i.e. the max exceeds the shift by at most SHIFT_LIMIT: no overflow, and rounding errors
+    grow only with |logit - shift| as they do with the exact max."""
+    return bool((loc[2:4] <= math.exp(SHIFT_LIMIT)).all())  # False for inf and NaN
+
+
 def _grad_into_body(out, zs, zt, ms, mt, lzs, c, g) -> None:
-    """out = g * exp(s - log Z_S) * ((s - t) - c), s, t shifted by the global maxima; the
+    """out = g * exp(s - log Z_S) * ((s - t) - c), s, t shifted by the global shifts; the
     per-row args are [rows, 1] in the compute dtype. One pass, written into ``out``."""
     dt = ms.dtype
     s, t = zs.to(dt) - ms, zt.to(dt) - mt
@@ -164,8 +181,14 @@ def _call(name: str, *args, **static):
 
 
 def chunk_partials(zs: torch.Tensor, zt: torch.Tensor, *, full: bool) -> torch.Tensor:
-    """Compiled :func:`_partials_body`: ``[rows, v]`` logits chunks -> ``[8 or 5, rows]``."""
-    return _call("partials", zs, zt, full=full)
+    """Compiled :func:`_partials_body`: ``[rows, v]`` logits chunks -> ``[8 or 5, rows]``.
+
+    Subsampled shifts first; the exact-max kernel (compiled on first need) when they overflow.
+    """
+    loc = _call("partials", zs, zt, full=full, exact=False)
+    if not _shift_ok(loc):
+        loc = _call("partials", zs, zt, full=full, exact=True)
+    return loc
 
 
 def rkl_grad(zs, zt, ms, mt, lzs, c, g, *, out: torch.Tensor) -> torch.Tensor:
@@ -178,13 +201,14 @@ def rkl_grad(zs, zt, ms, mt, lzs, c, g, *, out: torch.Tensor) -> torch.Tensor:
 def reduce_chunk(zs: torch.Tensor, zt: torch.Tensor, *, world: int, tp_group, full: bool,
                  target: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global maxima ``[2, rows]`` and global sums ``[6 or 7, rows]`` of one chunk ``[rows, v]``.
+    """Global shifts ``[2, rows]`` and global sums ``[6 or 7, rows]`` of one chunk ``[rows, v]``.
 
-    One MAX and one SUM all-reduce (outside the compiled kernel). Sums are relative to the
-    global maxima, rows as in ``VocabParallelTokenStatsMath.partial_sums``: Z_S, Z_T, <e^s,d>,
+    One MAX and one SUM all-reduce (outside the compiled kernel). The global shift M is the
+    max over ranks of the local shifts (each <= its row max, so M <= the global max and
+    exp(z - M - log Z) = p stays <= 1). Sums are relative to M, rows as in ``VocabParallelTokenStatsMath.partial_sums``: Z_S, Z_T, <e^s,d>,
     <e^t,d>, <e^s,s>, <e^t,t> (rows 3-5 zero unless ``full``), then s_y when ``target`` =
     (local column [rows], owned-by-this-rank mask [rows]) is given. A shard with no valid
-    column (``v == 0``) contributes maxima -inf and zero sums.
+    column (``v == 0``) contributes shift -inf and zero sums.
     """
     rows = zs.shape[0]
     dt = compute_dtype(zs, zt)
@@ -198,7 +222,7 @@ def reduce_chunk(zs: torch.Tensor, zt: torch.Tensor, *, world: int, tp_group, fu
     if world > 1:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=tp_group)
     if loc is not None and world > 1:
-        # Rescale shard sums from local to global maxima: e^s = e^{m - M} e^a, s = a + (m - M).
+        # Rescale shard sums from local to global shifts: e^s = e^{m - M} e^a, s = a + (m - M).
         off = loc[:2] - mx                      # [2, rows], <= 0
         f = off.exp()
         dl = off[0] - off[1]                    # d = s - t = (a - b) + dl
@@ -224,7 +248,7 @@ def reduce_chunk(zs: torch.Tensor, zt: torch.Tensor, *, world: int, tp_group, fu
 def forward_sums(zs2: torch.Tensor, zt2: torch.Tensor, *, v_valid: int, lo_id: int, world: int,
                  tp_group, rows: int, target_ids: Optional[torch.Tensor], full: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reduce_chunk` over all rows of ``[N, V_local]`` shards -> maxima [2, N], sums [6|7, N].
+    """:func:`reduce_chunk` over all rows of ``[N, V_local]`` shards -> shifts [2, N], sums [6|7, N].
 
     Chunks have a fixed row count (:func:`row_bucket`); the last one overlaps its predecessor,
     and an input shorter than the bucket is copied into a zero-padded ``[bucket, V_local]``
@@ -263,7 +287,8 @@ def backward_into(grad: torch.Tensor, zs2: torch.Tensor, zt2: torch.Tensor, save
                   kl: torch.Tensor, g: torch.Tensor, *, v_valid: int, rows: int) -> None:
     """Fill ``grad`` [N, V_local] with g * dKL/dz_S (padding columns 0); no communication.
 
-    ``saved`` [4, N] = (student max, log Z_S, teacher max, log Z_T), ``kl`` and ``g`` [N].
+    ``saved`` [4, N] = (student shift, log Z_S, teacher shift, log Z_T) with Z relative to the
+    shifts (maxima on the eager path), ``kl`` and ``g`` [N].
     """
     n = zs2.shape[0]
     grad[:, v_valid:] = 0

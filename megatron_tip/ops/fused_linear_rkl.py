@@ -5,7 +5,7 @@ Drop-in for "student/teacher output layer at kept positions, then ``vocab_parall
 
   z_S = h_S W_S[:v]^T, z_T = h_T W_T[:v]^T      (v = this shard's valid columns; padding rows of
                                                  the weight are never touched, their grad is 0)
-  per-token maxima / sums -> KL                 (same chunk math and two all-reduces as
+  per-token shifts / sums -> KL                 (same chunk math and two all-reduces as
                                                  :mod:`megatron_tip.ops.token_stats`)
   G = dKL/dz_S (one fused pass)                 -> dh_S += G W_S[:v],  dW_S[:v] += G^T h_S
 

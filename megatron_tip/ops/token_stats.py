@@ -162,7 +162,8 @@ def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_
     stats = VocabParallelTokenStatsMath.combine(sums, math.log(vocab_size))
     if target_ids is not None:
         stats["target_logprob"] = sums[6] - stats["log_zs"]
-    # What backward needs per token: both maxima and both log-normalizers, kept separate
+    # What backward needs per token: both shifts (maxima, or lower bounds of them on the compiled
+    # path) and both log-normalizers relative to them, kept separate
     # because max + log Z rounds to ~1e-3 at |logits| ~ 1e4 in fp32.
     saved = torch.stack([maxes[0], stats["log_zs"], maxes[1], sums[1].log()])
     return stats, saved

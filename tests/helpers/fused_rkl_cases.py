@@ -75,6 +75,37 @@ def check(results, ws, wt, hs, ht, weights, *, vocab_size, weighted, atol, rtol,
     assert (gw[vocab_size:] == 0).all()  # padding rows of the weight get no gradient
 
 
+def extreme_logits(width_total, v):
+    """[6, width_total] logits: |z| ~ 1e4, near one-hot rows (0-2), identical rows (1: KL must be
+    exactly 0), a teacher that puts the student's argmax at -1e4 (2: huge KL); padding columns 0."""
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(6, width_total, generator=g) * 1e4
+    zt = zs + torch.randn(6, width_total, generator=g) * 1e-2
+    hot = torch.randint(0, v, (6,), generator=g)
+    zs[:3] = 0.0
+    zs[torch.arange(3), hot[:3]] = 1e4
+    zt[:3] = zs[:3].clone()
+    zt[0, (hot[0] + 1) % v] = 1e4 - 5.0
+    zt[1] = zs[1]
+    zt[2] = -zs[2]
+    zs[:, v:] = 0.0
+    zt[:, v:] = 0.0
+    return zs, zt
+
+
+def check_extreme(st, kl, grad, zs, zt, v, reference):
+    """Stats/KL/gradient of :func:`extreme_logits` vs the float64 ``reference`` (token_stats_cases)."""
+    ref = reference(zs, zt, v, torch.zeros(6, dtype=torch.long), torch.ones(6))
+    assert st.reverse_kl[1] == 0 and st.forward_kl[1] == 0 and kl[1] == 0
+    assert st.reverse_kl[2] > 1e4 and torch.isfinite(grad).all()
+    for f in ("entropy", "reverse_kl", "forward_kl", "teacher_entropy"):
+        val = getattr(st, f)
+        assert (val >= -1e-6).all(), (f, val)  # exact math, no clamping
+        torch.testing.assert_close(val.double(), ref[f], atol=1e-5, rtol=1e-5, msg=f)
+    torch.testing.assert_close(kl, st.reverse_kl)
+    torch.testing.assert_close(grad.double(), ref["grad"], atol=1e-5, rtol=1e-4)
+
+
 @contextlib.contextmanager
 def kernels_uncompiled():
     """Run the compiled path's chunk loops with the kernel bodies as plain PyTorch (no inductor).

@@ -11,9 +11,16 @@ import torch.distributed as dist
 
 import megatron_tip.ops.compiled as C
 from megatron_tip.launch import run_distributed
-from megatron_tip.ops import vocab_parallel_linear_reverse_kl, vocab_parallel_reverse_kl
-from tests.helpers.fused_rkl_cases import check, kernels_uncompiled, make_inputs, run_fused
-from tests.helpers.token_stats_cases import _check, _run_cases
+from megatron_tip.ops import vocab_parallel_linear_reverse_kl, vocab_parallel_reverse_kl, vocab_parallel_token_stats
+from tests.helpers.fused_rkl_cases import (
+    check,
+    check_extreme,
+    extreme_logits,
+    kernels_uncompiled,
+    make_inputs,
+    run_fused,
+)
+from tests.helpers.token_stats_cases import _check, _run_cases, reference
 
 WIDTH, PAD = 28, 6          # per-rank weight rows; the last 6 global rows are padding
 VOCAB = 2 * WIDTH - PAD
@@ -39,21 +46,44 @@ def _check_fused(res, world):
         check([r[i] for r in res], ws, wt, hs, ht, w, vocab_size=VOCAB, weighted=weighted, atol=tol, rtol=tol)
 
 
+def _extreme_case(rank, world):
+    width, v = 12, 2 * 12 - 3
+    zs, zt = extreme_logits(world * width, v)
+    sl = slice(rank * width, (rank + 1) * width)
+    s = zs[:, sl].clone().requires_grad_(True)
+    st = vocab_parallel_token_stats(s.detach(), zt[:, sl], tp_group=dist.group.WORLD, vocab_size=v,
+                                    impl="compiled")
+    kl = vocab_parallel_reverse_kl(s, zt[:, sl], tp_group=dist.group.WORLD, vocab_size=v, chunk_size=4,
+                                   impl="compiled")
+    kl.sum().backward()
+    return st, kl.detach(), s.grad
+
+
+def _check_extreme(res):
+    width, v = 12, 2 * 12 - 3
+    zs, zt = extreme_logits(2 * width, v)
+    grad = torch.cat([r[2] for r in res], -1)
+    for st, kl, _ in res:
+        check_extreme(st, kl, grad, zs, zt, v, reference)
+
+
 def test_tp2_fused_and_compiled_loop_match_reference():
-    """One forked group: fused op (eager, compiled loop) and the shared token-stats cases through
-    the compiled loop (padded vocab, bf16, chunk of one), all vs float64 references."""
+    """One forked group: fused op (eager, compiled loop) and the shared token-stats cases (padded
+    vocab, bf16, chunk of one) plus extreme logits through the compiled loop, vs float64 references."""
     def fn(rank, world):
         with kernels_uncompiled():
             os.environ[C.ENV_VAR] = "compiled"  # a forked rank: its environment dies with it
             stats = _run_cases(rank, world, dist.group.WORLD)
             del os.environ[C.ENV_VAR]
             fused_compiled = _fused_cases(rank, world, "compiled")
-        return stats, _fused_cases(rank, world, "eager"), fused_compiled
+            extreme = _extreme_case(rank, world)
+        return stats, _fused_cases(rank, world, "eager"), fused_compiled, extreme
 
     res = run_distributed(fn, 2, timeout=180)
     _check([r[0] for r in res], 2)
     _check_fused([r[1] for r in res], 2)
     _check_fused([r[2] for r in res], 2)
+    _check_extreme([r[3] for r in res])
 
 
 def test_tp2_matches_megatron_output_layer_path():
@@ -103,9 +133,10 @@ def test_tp2_real_compiled_kernels():
         os.environ[C.ENV_VAR] = "compiled"
         stats = _run_cases(rank, world, dist.group.WORLD)
         del os.environ[C.ENV_VAR]
-        return stats, _fused_cases(rank, world, "compiled"), len(C.COMPILE_LOG)
+        return stats, _fused_cases(rank, world, "compiled"), _extreme_case(rank, world), len(C.COMPILE_LOG)
 
-    res = run_distributed(fn, 2, timeout=1800)
+    res = run_distributed(fn, 2, timeout=3600)
     _check([r[0] for r in res], 2)
     _check_fused([r[1] for r in res], 2)
-    assert all(r[2] > 0 for r in res)  # really compiled
+    _check_extreme([r[2] for r in res])
+    assert all(r[3] > 0 for r in res)  # really compiled

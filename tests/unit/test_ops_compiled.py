@@ -5,7 +5,6 @@ compiles exactly three kernels (fp32, one chunk shape) and shares them between t
 reverse KL and the fused output-layer op; padded-vocab, fp64, bf16 and extreme-logit compiles are
 marked slow. The chunk-loop logic itself runs in seconds with uncompiled kernel bodies.
 """
-import math
 import warnings
 
 import pytest
@@ -18,7 +17,14 @@ from megatron_tip.ops import (
     vocab_parallel_reverse_kl,
     vocab_parallel_token_stats,
 )
-from tests.helpers.fused_rkl_cases import check, kernels_uncompiled, make_inputs, run_fused
+from tests.helpers.fused_rkl_cases import (
+    check,
+    check_extreme,
+    extreme_logits,
+    kernels_uncompiled,
+    make_inputs,
+    run_fused,
+)
 from tests.helpers.token_stats_cases import FIELDS, _check, _run_cases, make_case, reference
 
 
@@ -96,7 +102,7 @@ def test_compiled_kernels_match_reference_and_eager():
         out[impl] = (st, kl.detach(), s.grad)
     for f in FIELDS:  # compiled == eager up to fp32 reduction order
         torch.testing.assert_close(getattr(out["compiled"][0], f), getattr(out["eager"][0], f), atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(out["compiled"][2], out["eager"][2], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(out["compiled"][2], out["eager"][2], atol=1e-6, rtol=1e-5)
     compiled = [k for k in C.COMPILE_LOG if k[0] in ("partials", "grad_into")]
     assert len(compiled) == 3 and all(C.COMPILE_LOG[k] > 0 for k in compiled)
 
@@ -140,25 +146,23 @@ def test_compiled_padded_vocab(dtype):
           rtol=3e-2 if bf16 else tol, scaled=bf16)
 
 
-@pytest.mark.slow
-def test_compiled_extreme_logits():
-    """|logits| ~ 1e4, near one-hot rows, identical rows (KL exactly 0), a huge KL."""
-    g = torch.Generator().manual_seed(1)
-    n, v = 6, 30
-    zs = torch.randn(n, v, generator=g) * 1e4
-    zt = zs + torch.randn(n, v, generator=g) * 1e-2
-    zs[:3] = 0.0
-    zs[torch.arange(3), torch.tensor([4, 9, 17])] = 1e4
-    zt[:3] = zs[:3].clone()
-    zt[0, 5] = 1e4 - 5.0
-    zt[2] = -zs[2]
+def _extreme(v=30):
+    zs, zt = extreme_logits(v, v)
     s = zs.clone().requires_grad_(True)
     st = vocab_parallel_token_stats(zs, zt, chunk_size=4, impl="compiled")
     kl = vocab_parallel_reverse_kl(s, zt, chunk_size=4, impl="compiled")
     kl.sum().backward()
-    ref = reference(zs, zt, v, torch.zeros(n, dtype=torch.long), torch.ones(n))
-    assert st.reverse_kl[1] == 0 and st.forward_kl[1] == 0 and kl[1] == 0
-    assert math.isfinite(float(st.reverse_kl[2])) and st.reverse_kl[2] > 1e4
-    for f in ("entropy", "reverse_kl", "forward_kl", "teacher_entropy"):
-        torch.testing.assert_close(getattr(st, f).double(), ref[f], atol=1e-5, rtol=1e-5, msg=f)
-    torch.testing.assert_close(s.grad.double(), ref["grad"], atol=1e-5, rtol=1e-4)
+    check_extreme(st, kl.detach(), s.grad, zs, zt, v, reference)
+
+
+def test_extreme_logits_take_the_exact_max_kernel():
+    """Subsampled shifts overflow at |logits| ~ 1e4: the loop falls back to exact maxima."""
+    with kernels_uncompiled():
+        _extreme()
+        assert any(("exact", True) in k for k in C.COMPILE_LOG)
+
+
+@pytest.mark.slow
+def test_compiled_extreme_logits():
+    _extreme()
+    assert any(("exact", True) in k for k in C.COMPILE_LOG)
