@@ -31,6 +31,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+import megatron_tip.ops.compiled as _compiled
+from megatron_tip.ops.compiled import compute_dtype as _compute_dtype
+
 # Target size of one fp32 work buffer [chunk, V_local]; the forward holds five of them.
 # Buffers are allocated once per call and reused by every chunk, which avoids re-faulting
 # fresh pages for each chunk (that, not arithmetic, dominated on CPU at 64 MiB chunks).
@@ -136,22 +139,40 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, world: int,
     return int(vocab_size)
 
 
-def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
-    # fp32 accumulation at least; fp64 inputs stay fp64 so gradcheck is meaningful.
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def _default_chunk(v_local: int, elem_bytes: int) -> int:
     return max(1, _CHUNK_BYTES // max(1, v_local * elem_bytes))
 
 
-def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_ids, full):
+def _v_valid(v_local: int, vocab_size: int, rank: int) -> int:
+    return max(0, min(v_local, vocab_size - rank * v_local))  # padding is a global suffix
+
+
+def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_ids, full, impl):
     """Chunked forward over [N, V_local] views. Returns (stats dict of [N] tensors, saved [4, N])."""
     n, v_local = zs2.shape
     dtype = _compute_dtype(zs2, zt2)
-    v_valid = max(0, min(v_local, vocab_size - rank * v_local))  # padding is a global suffix
+    v_valid = _v_valid(v_local, vocab_size, rank)
     rows = chunk_size or _default_chunk(v_local, torch.finfo(dtype).bits // 8)
-    rows = max(1, min(rows, n))
+    if impl == "compiled" and n > 0:
+        maxes, sums = _compiled.forward_sums(zs2, zt2, v_valid=v_valid, lo_id=rank * v_local, world=world,
+                                             tp_group=tp_group, rows=rows, target_ids=target_ids, full=full)
+    else:
+        maxes, sums = _eager_sums(zs2, zt2, v_valid=v_valid, lo_id=rank * v_local, world=world,
+                                  tp_group=tp_group, rows=max(1, min(rows, n)), target_ids=target_ids, full=full)
+    stats = VocabParallelTokenStatsMath.combine(sums, math.log(vocab_size))
+    if target_ids is not None:
+        stats["target_logprob"] = sums[6] - stats["log_zs"]
+    # What backward needs per token: both shifts (maxima, or lower bounds of them on the compiled
+    # path) and both log-normalizers relative to them, kept separate
+    # because max + log Z rounds to ~1e-3 at |logits| ~ 1e4 in fp32.
+    saved = torch.stack([maxes[0], stats["log_zs"], maxes[1], sums[1].log()])
+    return stats, saved
+
+
+def _eager_sums(zs2, zt2, *, v_valid, lo_id, world, tp_group, rows, target_ids, full):
+    """Eager chunk loop (reused fp32 work buffers): maxima [2, N] and global sums [6|7, N]."""
+    n = zs2.shape[0]
+    dtype = _compute_dtype(zs2, zt2)
     dev = zs2.device
     # Work buffers, reused by every chunk (the last chunk uses a prefix of the rows).
     sdt_buf = torch.empty(rows, 3, v_valid, dtype=dtype, device=dev)  # s, d, t (see partial_sums)
@@ -162,7 +183,7 @@ def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_
     # Per-chunk reduction buffers: all_reduce needs contiguous tensors.
     mx_buf = torch.empty(2 * rows, dtype=dtype, device=dev)
     sum_buf = torch.empty(n_red * rows, dtype=dtype, device=dev)
-    lo_id, hi_id = rank * v_local, rank * v_local + v_valid
+    hi_id = lo_id + v_valid
     m = VocabParallelTokenStatsMath
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -194,13 +215,31 @@ def _forward(zs2, zt2, *, rank, world, tp_group, vocab_size, chunk_size, target_
         if world > 1:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=tp_group)
         sums[:, r0:r1] = out
-    stats = m.combine(sums, math.log(vocab_size))
-    if target_ids is not None:
-        stats["target_logprob"] = sums[6] - stats["log_zs"]
-    # What backward needs per token: both maxima and both log-normalizers, kept separate
-    # because max + log Z rounds to ~1e-3 at |logits| ~ 1e4 in fp32.
-    saved = torch.stack([maxes[0], stats["log_zs"], maxes[1], sums[1].log()])
-    return stats, saved
+    return maxes, sums
+
+
+def _eager_grad_into(grad, zs2, zt2, saved, kl, g, *, v_valid, rows):
+    """Fill ``grad`` [N, V_local] with g * dKL/dz_S chunk by chunk (padding columns 0).
+
+    ``saved`` [4, N] = (student max, log Z_S, teacher max, log Z_T); ``kl``, ``g`` [N].
+    """
+    n, dtype = zs2.shape[0], saved.dtype
+    grad[:, v_valid:] = 0  # padding columns
+    # log p - log q - KL = (s - t) - c with s, t the max-shifted logits and per-token
+    # c = log Z_S - log Z_T + KL; p = exp(s) / Z_S. Folding 1/Z_S and dL/dKL into one
+    # per-token factor keeps the chunk loop at six elementwise passes.
+    gz = g / saved[1].exp()
+    neg_cg = -(saved[1] - saved[3] + kl) * gz
+    rows = max(1, min(n, rows))
+    buf = torch.empty(2, rows, v_valid, dtype=dtype, device=zs2.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        s, d = buf[0, : r1 - r0], buf[1, : r1 - r0]
+        torch.sub(zs2[r0:r1, :v_valid], saved[0, r0:r1, None], out=s)  # exact: no max + log Z sum
+        torch.sub(zt2[r0:r1, :v_valid], saved[2, r0:r1, None], out=d)
+        torch.sub(s, d, out=d)
+        torch.addcmul(neg_cg[r0:r1, None], d, gz[r0:r1, None], out=d)  # ((s-t) - c) g / Z_S
+        torch.mul(s.exp_(), d, out=grad[r0:r1, :v_valid])
 
 
 class _VocabParallelReverseKL(torch.autograd.Function):
@@ -212,16 +251,16 @@ class _VocabParallelReverseKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zs, zt, tp_group, vocab_size, chunk_size):
+    def forward(ctx, zs, zt, tp_group, vocab_size, chunk_size, impl):
         rank, world = _group_info(tp_group)
         v_local = zs.shape[-1]
         zs2, zt2 = zs.reshape(-1, v_local), zt.reshape(-1, v_local)
         stats, saved = _forward(zs2, zt2, rank=rank, world=world, tp_group=tp_group,
                                 vocab_size=vocab_size, chunk_size=chunk_size,
-                                target_ids=None, full=False)
+                                target_ids=None, full=False, impl=impl)
         kl = stats["reverse_kl"]
         ctx.save_for_backward(zs, zt, saved, kl)
-        ctx.rank, ctx.vocab_size, ctx.chunk_size = rank, vocab_size, chunk_size
+        ctx.rank, ctx.vocab_size, ctx.chunk_size, ctx.impl = rank, vocab_size, chunk_size, impl
         return kl.view(zs.shape[:-1])
 
     @staticmethod
@@ -234,28 +273,14 @@ class _VocabParallelReverseKL(torch.autograd.Function):
         zs, zt, saved, kl = ctx.saved_tensors
         v_local = zs.shape[-1]
         zs2, zt2 = zs.reshape(-1, v_local), zt.reshape(-1, v_local)
-        n = zs2.shape[0]
         dtype = saved.dtype
-        v_valid = max(0, min(v_local, ctx.vocab_size - ctx.rank * v_local))
+        v_valid = _v_valid(v_local, ctx.vocab_size, ctx.rank)
         g = grad_out.reshape(-1).to(dtype)
         grad = torch.empty_like(zs2)
-        grad[:, v_valid:] = 0  # padding columns
-        # log p - log q - KL = (s - t) - c with s, t the max-shifted logits and per-token
-        # c = log Z_S - log Z_T + KL; p = exp(s) / Z_S. Folding 1/Z_S and dL/dKL into one
-        # per-token factor keeps the chunk loop at six elementwise passes.
-        gz = g / saved[1].exp()
-        neg_cg = -(saved[1] - saved[3] + kl) * gz
-        rows = max(1, min(n, ctx.chunk_size or _default_chunk(v_local, torch.finfo(dtype).bits // 8)))
-        buf = torch.empty(2, rows, v_valid, dtype=dtype, device=zs.device)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            s, d = buf[0, : r1 - r0], buf[1, : r1 - r0]
-            torch.sub(zs2[r0:r1, :v_valid], saved[0, r0:r1, None], out=s)  # exact: no max + log Z sum
-            torch.sub(zt2[r0:r1, :v_valid], saved[2, r0:r1, None], out=d)
-            torch.sub(s, d, out=d)
-            torch.addcmul(neg_cg[r0:r1, None], d, gz[r0:r1, None], out=d)  # ((s-t) - c) g / Z_S
-            torch.mul(s.exp_(), d, out=grad[r0:r1, :v_valid])
-        return grad.view(zs.shape), None, None, None, None
+        rows = ctx.chunk_size or _default_chunk(v_local, torch.finfo(dtype).bits // 8)
+        fill = _compiled.backward_into if ctx.impl == "compiled" else _eager_grad_into
+        fill(grad, zs2, zt2, saved, kl, g, v_valid=v_valid, rows=rows)
+        return grad.view(zs.shape), None, None, None, None, None
 
 
 def vocab_parallel_token_stats(
@@ -266,6 +291,7 @@ def vocab_parallel_token_stats(
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     target_ids: Optional[torch.Tensor] = None,
+    impl: str = "auto",
 ) -> TokenStats:
     """Exact per-token entropy, reverse/forward KL and teacher entropy on vocab shards.
 
@@ -277,6 +303,9 @@ def vocab_parallel_token_stats(
             Defaults to the total shard width.
         chunk_size: tokens per chunk (default: about 16 MiB of fp32 per work buffer).
         target_ids: ``[...]`` int64 global token ids; adds ``target_logprob`` = log p_S(id).
+        impl: ``"eager"`` (chunked PyTorch ops), ``"compiled"`` (fused ``torch.compile`` kernel,
+            see :mod:`megatron_tip.ops.compiled`) or ``"auto"`` (``$MEGATRON_TIP_OPS_IMPL``, else
+            compiled for real vocabularies on CPU/CUDA). Both are exact to fp32 rounding.
 
     Returns:
         :class:`TokenStats` of ``[...]`` fp32 tensors; no autograd graph is recorded.
@@ -293,10 +322,11 @@ def vocab_parallel_token_stats(
         if tid.numel() and (int(tid.min()) < 0 or int(tid.max()) >= vocab_size):
             raise ValueError(f"target_ids must lie in [0, vocab_size={vocab_size})")
     v_local = student_logits.shape[-1]
+    impl = _compiled.resolve_impl(impl, v_local=v_local, device=student_logits.device)
     with torch.no_grad():
         stats, _ = _forward(student_logits.reshape(-1, v_local), teacher_logits.reshape(-1, v_local),
                             rank=rank, world=world, tp_group=tp_group, vocab_size=vocab_size,
-                            chunk_size=chunk_size, target_ids=tid, full=True)
+                            chunk_size=chunk_size, target_ids=tid, full=True, impl=impl)
     fields = ("entropy", "norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy")
     out = {f: stats[f].view(lead) for f in fields}
     out["target_logprob"] = stats["target_logprob"].view(lead) if tid is not None else None
@@ -310,6 +340,7 @@ def vocab_parallel_reverse_kl(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Per-token KL(P_S || P_T), ``[...]`` fp32, differentiable w.r.t. ``student_logits``.
 
@@ -319,6 +350,7 @@ def vocab_parallel_reverse_kl(
     """
     rank, world = _group_info(tp_group)
     vocab_size = _validate(student_logits, teacher_logits, world, vocab_size)
+    impl = _compiled.resolve_impl(impl, v_local=student_logits.shape[-1], device=student_logits.device)
     return _VocabParallelReverseKL.apply(
-        student_logits, teacher_logits.detach(), tp_group, vocab_size, chunk_size
+        student_logits, teacher_logits.detach(), tp_group, vocab_size, chunk_size, impl
     )
