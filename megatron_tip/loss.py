@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_tip.ops import vocab_parallel_reverse_kl
+from megatron_tip.ops import vocab_parallel_linear_reverse_kl, vocab_parallel_reverse_kl
 
 
 def kept_reverse_kl_loss(
@@ -27,6 +27,7 @@ def kept_reverse_kl_loss(
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     weights: Optional[torch.Tensor] = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Megatron loss triple for the kept positions of one micro-batch.
 
@@ -36,7 +37,35 @@ def kept_reverse_kl_loss(
     pair that megatron's schedule sums over micro-batches).
     """
     per_token = vocab_parallel_reverse_kl(student_logits, teacher_logits, tp_group=tp_group,
-                                          vocab_size=vocab_size, chunk_size=chunk_size)
+                                          vocab_size=vocab_size, chunk_size=chunk_size, impl=impl)
+    return _loss_triple(per_token, weights)
+
+
+def kept_linear_reverse_kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    tp_group=None,
+    vocab_size: int,
+    chunk_size: Optional[int] = None,
+    weights: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`kept_reverse_kl_loss` from final hidden states: the output layers are fused into the loss.
+
+    student_hidden: [n, H_S] at kept positions (graph attached); student_weight: its output
+    weight shard [V/TP, H_S] (gets a gradient); teacher_hidden [n, H_T] and teacher_weight
+    [V/TP, H_T] are constants. No [n, V/TP] logits are held: memory stays flat in n.
+    """
+    per_token = vocab_parallel_linear_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                 tp_group=tp_group, vocab_size=vocab_size, chunk_size=chunk_size,
+                                                 impl=impl)
+    return _loss_triple(per_token, weights)
+
+
+def _loss_triple(per_token: torch.Tensor, weights: Optional[torch.Tensor]):
     if weights is not None:
         if weights.shape != per_token.shape:
             raise ValueError(f"weights has shape {tuple(weights.shape)}, expected {tuple(per_token.shape)}")

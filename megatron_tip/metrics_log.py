@@ -20,6 +20,7 @@ class LogConfig:
 
     tensorboard: bool = True
     dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
+    preflight: bool = True  # print the capacity plan of this run once at start-up (docs/planner.md)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -15,7 +15,8 @@ import torch
 from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
 from megatron_tip.ops import vocab_parallel_token_stats
 from megatron_tip.rollout.packing import PackedBatch
-from megatron_tip.validation import at_least
+from megatron_tip.ops.compiled import IMPLS
+from megatron_tip.validation import at_least, one_of
 
 STAT_FIELDS = ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")
 
@@ -27,8 +28,15 @@ class ScoringConfig:
     score_chunk_tokens: int = 512  # scoring pass: logits rows materialized at a time
     stats_chunk_size: Optional[int] = None  # token chunk inside the vocab-parallel ops (None: auto)
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
+    # Chunk kernels: auto (compiled for vocab shards >= 4096 columns, else eager; the environment
+    # variable MEGATRON_TIP_OPS_IMPL overrides auto), eager, compiled (docs/ops.md).
+    ops_impl: str = "auto"
+    # Gradient pass: output layer fused into the reverse KL (no [n_kept, V/TP] logits held);
+    # false applies both output layers and then the loss, as before (same math, more memory).
+    fused_output_layer: bool = True
 
     def __post_init__(self) -> None:
+        one_of("ops_impl", self.ops_impl, IMPLS)
         at_least("score_chunk_tokens", self.score_chunk_tokens, 1)
         at_least("stats_chunk_size", self.stats_chunk_size, 1, optional=True)
         at_least("vocab_size", self.vocab_size, 1, optional=True)
@@ -72,7 +80,7 @@ def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs
         parts.append(vocab_parallel_token_stats(
             output_logits(student, hs[i:i + step]), output_logits(teacher, ht[i:i + step]),
             tp_group=tp_group, vocab_size=vocab_size, chunk_size=cfg.stats_chunk_size,
-            target_ids=targets[i:i + step]))
+            target_ids=targets[i:i + step], impl=cfg.ops_impl))
     shape = mb["input_ids"].shape
     return {k: torch.cat([getattr(p, k) for p in parts]).reshape(shape) for k in STAT_FIELDS}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_tip.build import build
-from megatron_tip.checkpoint import tokenizer_dir
+from megatron_tip.checkpoint import read_spec, tokenizer_dir
 from megatron_tip.checkpoint.training import (prepare_run_dir, remove_incomplete_checkpoints, resume_training,
                                               save_training_checkpoint)
 from megatron_tip.config import RunConfig, load_config
@@ -83,9 +83,25 @@ def _claim_run_dir(cfg: RunConfig, ctx: ParallelContext) -> tuple[dict, bool]:
     return box[0]
 
 
+def _preflight(cfg: RunConfig, ctx: ParallelContext) -> None:
+    """Print the planner's memory (and, on GPUs, step-time) estimate before any model loads."""
+    from megatron_tip.plan import preflight
+
+    try:
+        specs = read_spec(cfg.student.path), read_spec(cfg.teacher.path)
+    except (OSError, ValueError):  # build() names the bad path with the full message
+        return
+    try:
+        print(preflight(cfg, ctx, *specs), flush=True)
+    except Exception as e:  # an estimate must never stop a run
+        print(f"preflight plan skipped ({type(e).__name__}: {e})", flush=True)
+
+
 def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest, cleanup: contextlib.ExitStack) -> dict:
     out = Path(cfg.run.out_dir)
     record, resuming = _claim_run_dir(cfg, ctx)
+    if ctx.rank == 0 and cfg.log.preflight:
+        _preflight(cfg, ctx)
     parts = build(cfg, ctx)
     if hasattr(parts.engine, "close"):  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
         cleanup.callback(parts.engine.close)

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_tip.eval.heldout import count_correct, heldout_accuracy
-from megatron_tip.loss import kept_reverse_kl_loss
+from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
-from megatron_tip.models.forward import output_logits, output_positions, run_microbatches
+from megatron_tip.models.forward import output_logits, output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.rollout.packing import PackedBatch, microbatches, pack_rollouts
 from megatron_tip.rollout.weight_sync import sync_weights
@@ -164,18 +164,27 @@ class Trainer:
             index_of.append(m.nonzero(as_tuple=True))
         position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
 
-        def prepare(mb):
-            return output_positions(p.student, index_of[position[id(mb)]])
+        sc = self.cfg.scoring
+        fused = sc.fused_output_layer
 
-        def on_output(mb, logits):  # [1, n, V/TP] at kept positions
+        def prepare(mb):
+            return output_positions(p.student, index_of[position[id(mb)]], hidden_only=fused)
+
+        def on_output(mb, out):  # [1, n, H] (fused) or [1, n, V/TP] logits, at kept positions
             i = position[id(mb)]
             b_idx, s_idx = index_of[i]
             t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
+            w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
+            kw = dict(tp_group=ctx.tp_group, vocab_size=p.vocab_size, chunk_size=sc.stats_chunk_size,
+                      weights=w, impl=sc.ops_impl)
+            if fused:
+                ws = output_weight(p.student)
+                # Float16Module hands back fp32; the round trip to the weight's dtype is exact.
+                return kept_linear_reverse_kl_loss(out[0].to(ws.dtype), ws, t_hidden,
+                                                   output_weight(p.teacher).detach(), **kw)
             with torch.no_grad():
                 t_logits = output_logits(p.teacher, t_hidden)
-            w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
-            return kept_reverse_kl_loss(logits[0], t_logits, tp_group=ctx.tp_group, vocab_size=p.vocab_size,
-                                        chunk_size=self.cfg.scoring.stats_chunk_size, weights=w)
+            return kept_reverse_kl_loss(out[0], t_logits, **kw)
 
         p.student.train()
         p.student.zero_grad_buffer()

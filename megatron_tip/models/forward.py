@@ -2,7 +2,9 @@
 
 - ``output_positions``: make the output layer compute logits only at chosen (batch, seq)
   positions, so logits memory scales with the number of kept tokens (TIP pass 2) or with the
-  batch size (sampling the next token).
+  batch size (sampling the next token); with ``hidden_only`` it returns the picked hidden states
+  instead, for a fused output layer + loss (``ops.vocab_parallel_linear_reverse_kl``).
+- ``output_weight``: the output layer's weight shard (the word embedding when tied).
 - ``capture_hidden``: keep the final hidden states that enter the output layer (teacher pass 1:
   hidden [S, B, H] is ~V/H times smaller than logits, and logits are recomputed from it).
 - ``run_microbatches``: one call for PP=1 and PP>1 through megatron's own schedule; the
@@ -24,9 +26,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def output_positions(model: torch.nn.Module, index: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+def output_positions(model: torch.nn.Module, index: Optional[tuple[torch.Tensor, torch.Tensor]], *,
+                     hidden_only: bool = False) -> Iterator[None]:
     """While active, GPTModel returns logits [1, n, V/TP] for positions ``(b_idx, s_idx)`` only.
 
+    ``hidden_only=True``: the output layer is skipped and GPTModel returns the final hidden
+    states [1, n, H] at those positions (graph attached; the caller applies ``output_weight``).
     ``index=None`` leaves the model unchanged. Empty indices give [1, 0, V/TP] (still a valid
     graph, so every rank takes part in the backward).
     """
@@ -40,7 +45,7 @@ def output_positions(model: torch.nn.Module, index: Optional[tuple[torch.Tensor,
 
     def forward(hidden_states, *args, **kwargs):  # hidden_states: [S, B, H]
         picked = hidden_states[s_idx, b_idx].unsqueeze(1)  # [n, 1, H]
-        return original(picked, *args, **kwargs)
+        return (picked, None) if hidden_only else original(picked, *args, **kwargs)
 
     layer.forward = forward
     try:
@@ -64,10 +69,18 @@ def capture_hidden(model: torch.nn.Module, store: list) -> Iterator[None]:
         handle.remove()
 
 
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output layer's weight shard [V/TP, H] on the last stage (the word embedding when tied)."""
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Apply ``model``'s output layer to hidden [n, H] -> vocab-sharded logits [n, V/TP]."""
     gpt = unwrap(model)
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    weight = output_weight(model) if gpt.share_embeddings_and_output_weights else None
     logits, _ = gpt.output_layer(hidden.unsqueeze(1), weight=weight)
     return logits[:, 0]
 

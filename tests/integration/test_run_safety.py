@@ -208,6 +208,7 @@ def test_sigterm_mid_run_saves_and_resume_gives_the_same_losses(pair, full, tmp_
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 75, stderr[-3000:]
     assert "preempted at step" in stdout and "checkpoint saved" in stdout
+    assert stdout.count("TIP step plan: preflight") == 1 and "peak" in stdout  # the planner, once, before step 0
     stopped = steps(out)
     assert stopped and stopped[-1] < 3
     assert train(pair, out, **{"run.resume": "auto"})[0] == "ok"

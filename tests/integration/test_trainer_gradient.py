@@ -3,8 +3,9 @@
 Reference: the HF `transformers` student and teacher in float64 on the *global* batch, full
 logits, reverse KL over the true vocabulary, mean over the kept set (the same mask; weighted by
 the same per-token weights under inverse-inclusion weighting), autograd.
-The trainer path (scoring pass, kept-position output layer, megatron per-token loss, DDP) must
-give the same loss and the same gradients at TP=1, TP=2 and DP=2.
+The trainer path (scoring pass, kept-position output layer fused into the loss or applied before
+it, megatron per-token loss, DDP) must give the same loss and the same gradients at TP=1, TP=2,
+PP=2 and DP=2, for a tied and an untied student output layer.
 """
 import pytest
 import torch
@@ -97,15 +98,17 @@ def _reference(teacher, student, mask, weights, vocab):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return (root,) + make_pair(root)
+    return (root,) + make_pair(root) + (make_pair(root, tie_student=False)[1],)
 
 
 @pytest.mark.parametrize("tp,world,selection", [
     (1, 1, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5}),
     (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5}),
     (2, 2, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
-            "scoring.score_chunk_tokens": 5}),  # logits materialized 5 rows at a time
-    (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5}),
+            "scoring.score_chunk_tokens": 5,  # logits materialized 5 rows at a time
+            "scoring.fused_output_layer": False}),  # output layers, then the loss on logits
+    (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5,
+            "untied": True}),  # the student's own output layer (not the embedding) in the fused loss
     (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5,
             "selection.weighting": "inverse_inclusion"}),  # per-token weights through the loss
     # activation recomputation (issue #13) must not change the gradients
@@ -116,7 +119,10 @@ def pair(tmp_path_factory):
                 "student.recompute_granularity": "selective"}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
-    root, teacher, student = pair
+    root, teacher, student, untied = pair
+    selection = dict(selection)
+    if selection.pop("untied", False):
+        student = untied
     pp = 2 if world == "pp2" else 1
     world = 2 if world == "pp2" else world
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
