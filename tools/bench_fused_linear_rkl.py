@@ -5,6 +5,8 @@ Per kept-token count N and TP (gloo ranks forked with ``megatron_tip.launch.run_
                   (``[N, V/TP]`` logits for student and teacher; the student's input gradient
                   all-reduced over TP in backward, as megatron's ColumnParallelLinear does), then
                   ``vocab_parallel_reverse_kl(impl="eager")``, ``kl.sum().backward()``.
+  today_compiled  the same with ``impl="compiled"``: the gradient pass with
+                  ``scoring.fused_output_layer=false`` and the default ``ops_impl`` on this machine.
   fused_eager     ``vocab_parallel_linear_reverse_kl(..., impl="eager")``, same loss.
   fused_compiled  the same with ``impl="compiled"`` (inductor kernels).
 Student and teacher: hidden ``--hidden``, fp32, vocab ``--vocab`` padded to a multiple of 128*TP.
@@ -19,6 +21,7 @@ tensor peak (``megatron_tip.testing.memory.PeakMemory``) of the same call is pri
 
     python tools/bench_fused_linear_rkl.py                     # N = 2k, 8k, 32k; TP = 1, 2
     python tools/bench_fused_linear_rkl.py --quick             # small smoke run
+    python tools/bench_fused_linear_rkl.py --tokens --time-tokens 512   # interleaved best-of times only
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from megatron_tip.ops import vocab_parallel_linear_reverse_kl, vocab_parallel_re
 from megatron_tip.ops import fused_linear_rkl as _fused  # noqa: E402
 from megatron_tip.testing.memory import PeakMemory  # noqa: E402
 
-METHODS = ("today", "fused_eager", "fused_compiled")
+METHODS = ("today", "today_compiled", "fused_eager", "fused_compiled")
 
 
 def _status_mib(field: str) -> float:
@@ -70,18 +73,18 @@ class _CopyToTP(torch.autograd.Function):
 
 
 def _loss(method, hs, ws, ht, wt, vocab, group):
-    if method == "today":
+    if method.startswith("today"):
         logits = _CopyToTP.apply(hs) @ ws.t()
         with torch.no_grad():
             t_logits = ht @ wt.t()
-        return vocab_parallel_reverse_kl(logits, t_logits, tp_group=group, vocab_size=vocab, impl="eager").sum()
+        impl = "compiled" if method == "today_compiled" else "eager"
+        return vocab_parallel_reverse_kl(logits, t_logits, tp_group=group, vocab_size=vocab, impl=impl).sum()
     impl = method.split("_")[1]
     return vocab_parallel_linear_reverse_kl(hs, ws, ht, wt, tp_group=group, vocab_size=vocab, impl=impl).sum()
 
 
-def _measure(rank, world, method, n, vocab, hidden, seed):
-    torch.set_num_threads(1)
-    group = dist.group.WORLD if world > 1 else None
+def _setup(rank, world, n, vocab, hidden, seed):
+    """This rank's weight shards [V/TP, H] (student's requires grad), hidden states [N, H], chunk rows."""
     v_local = math.ceil(vocab / (128 * world)) * 128
     g = torch.Generator().manual_seed(seed + rank)
     scale = 3 / hidden ** 0.5  # logits with std ~3
@@ -90,7 +93,46 @@ def _measure(rank, world, method, n, vocab, hidden, seed):
     g = torch.Generator().manual_seed(seed)  # hidden states are the same on every TP rank
     hs = torch.empty(n, hidden).normal_(generator=g).requires_grad_(True)
     ht = torch.empty(n, hidden).normal_(generator=g)
-    rows = _fused._chunk_rows(n, v_local, None)
+    return ws, wt, hs, ht, _fused._chunk_rows(n, v_local, None)
+
+
+def _measure_times(rank, world, methods, n, vocab, hidden, seed, repeats):
+    """All methods in one process per rank: warm-up on one chunk each, then ``repeats`` rounds of one
+    call per method, interleaved; best of the rounds (robust to a shared, loaded machine)."""
+    torch.set_num_threads(1)
+    group = dist.group.WORLD if world > 1 else None
+    ws, wt, hs, ht, rows = _setup(rank, world, n, vocab, hidden, seed)
+    for method in methods:
+        _loss(method, hs[:rows].detach().requires_grad_(True), ws, ht[:rows], wt, vocab, group).backward()
+    best = {m: math.inf for m in methods}
+    for _ in range(repeats):
+        for method in methods:
+            ws.grad = hs.grad = None
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            _loss(method, hs, ws, ht, wt, vocab, group).backward()
+            best[method] = min(best[method], time.perf_counter() - t0)
+    return best
+
+
+def _time_table(a, methods) -> None:
+    print(f"\ntime table: N={a.time_tokens}, best of {a.repeats} interleaved fwd+bwd calls per method (s, slowest rank)")
+    print(f"{'N':>6} {'TP':>2} | " + " ".join(f"{m:>14}" for m in methods) + " | fused_compiled vs today, vs today_compiled")
+    for tp in a.tp:
+        res = run_distributed(_measure_times, tp, methods, a.time_tokens, a.vocab, a.hidden, 0, a.repeats,
+                              timeout=6 * 3600)
+        t = {m: max(r[m] for r in res) for m in methods}
+        ratio = " ".join(f"{t[b] / t['fused_compiled']:6.2f}" for b in ("today", "today_compiled")
+                         if b in t and "fused_compiled" in t)
+        print(f"{a.time_tokens:>6} {tp:>2} | " + " ".join(f"{t[m]:14.2f}" for m in methods) + f" | {ratio}",
+              flush=True)
+
+
+def _measure(rank, world, method, n, vocab, hidden, seed):
+    torch.set_num_threads(1)
+    group = dist.group.WORLD if world > 1 else None
+    ws, wt, hs, ht, rows = _setup(rank, world, n, vocab, hidden, seed)
     t0 = time.perf_counter()
     _loss(method, hs[:rows].detach().requires_grad_(True), ws, ht[:rows], wt, vocab, group).backward()
     warm_s = time.perf_counter() - t0
@@ -98,7 +140,7 @@ def _measure(rank, world, method, n, vocab, hidden, seed):
     gc.collect()
     base = _status_mib("VmRSS")
     _reset_peak_rss()
-    tracker = PeakMemory() if method != "fused_compiled" else None
+    tracker = PeakMemory() if not method.endswith("_compiled") else None
     if world > 1:
         dist.barrier()
     t0 = time.perf_counter()
@@ -127,10 +169,19 @@ def main(argv=None) -> None:
     p.add_argument("--tp", type=int, nargs="*", default=[1, 2])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--quick", action="store_true", help="N = 256, 1024 at V = 32768, hidden 256")
+    p.add_argument("--time-tokens", type=int, default=0,
+                   help="also (or, with --tokens none given, only) an interleaved best-of time table at this N")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of the time table")
     a = p.parse_args(argv)
     if a.quick:
         a.tokens, a.vocab, a.hidden = [256, 1024], 32768, 256
     methods = a.methods.split(",")
+    if a.time_tokens:
+        print(f"V={a.vocab} hidden={a.hidden} fp32, one thread per rank; {time.strftime('%Y-%m-%d %H:%M')}, "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        _time_table(a, methods)
+        if not a.tokens:
+            return
     print(f"V={a.vocab} hidden={a.hidden} fp32, one thread per rank; {time.strftime('%Y-%m-%d %H:%M')}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {_available_gib():.1f} GiB available")
     hdr = (f"{'N':>6} {'TP':>2} {'method':>14} | {'time s':>8} {'vs today':>8} | {'peak MiB':>9} {'-N*H MiB':>9} "
@@ -143,7 +194,7 @@ def main(argv=None) -> None:
         for n in a.tokens:
             for method in methods:
                 v_local = math.ceil(a.vocab / (128 * tp)) * 128
-                if method == "today":
+                if method.startswith("today"):
                     need = tp * (3 * n * v_local + 3 * v_local * a.hidden) * 4 / 2**30  # logits x2 + grad, weights
                     if need > 0.8 * _available_gib():
                         print(f"{n:>6} {tp:>2} {method:>14} | skipped: needs ~{need:.1f} GiB, "

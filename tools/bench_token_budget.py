@@ -89,7 +89,7 @@ def _measure(rank, world, args, root: Path, rho: float) -> dict:
     cpu["step"] = time.process_time() - c0
     wall = {k: m[f"time_{k}_s"] for k in ("rollout", "score", "select", "train", "sync")}
     cpu_s = dict(cpu)
-    with PeakMemory() as mem:
+    with PeakMemory() as mem:  # noqa: F811 - rebinds the closure's `mem` read by wrap()
         metrics = trainer.train_step(1)
         marks["metrics"] = mem.mark()
     resident = mem.resident

@@ -4,7 +4,10 @@
   python tests/gpu/checks.py --dry-run  # on the CPU: tiny shapes, no vLLM / TE (checks the script itself)
 
 (a) ops: vocab-parallel token stats and reverse-KL gradient vs a float64 reference, fp32 and bf16
-    inputs; achieved bandwidth of the stats pass as % of a device-to-device copy of the same bytes.
+    inputs, impl eager and compiled (Triton); achieved bandwidth of the stats pass as % of a
+    device-to-device copy of the same bytes (issue #17 target for compiled: >= 70), kl fwd+bwd time.
+    fused linear: bf16 output layer + reverse KL vs float64 (KL, hidden and weight gradients), and
+    its time and peak extra memory vs output layers + reverse KL at N = 2k, 8k, 32k kept tokens.
 (b) train: the toy pair, 10 steps, bf16, megatron engine and vLLM engine (sleep mode where the
     config has it): finite losses, peak torch.cuda.max_memory_allocated, mean step time.
 (c) te: Transformer Engine's layer spec builds and its logits match the local spec's (bf16).
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,12 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 RESULTS: dict[str, dict] = {}
+sys.path.insert(0, str(REPO))  # tests.helpers (float64 references) when run as a script
 
 
 def report(name: str, **values) -> None:
@@ -46,37 +52,142 @@ def _timed(fn, *, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def check_ops(device: torch.device, *, n: int, vocab: int) -> None:
+def _impl_context(impl: str, dry_run: bool):
+    """The dry run runs the compiled path's chunk loops with uncompiled kernel bodies (inductor on
+    the 2-core CPU box costs ~15 s per kernel shape); on CUDA the kernels are really compiled."""
+    if impl == "compiled" and dry_run:
+        from tests.helpers.fused_rkl_cases import kernels_uncompiled
+        return kernels_uncompiled()
+    return contextlib.nullcontext()
+
+
+def _compile_s() -> float:
+    from megatron_tip.ops.compiled import COMPILE_LOG
+    return round(sum(COMPILE_LOG.values()), 1)
+
+
+def check_ops(device: torch.device, *, n: int, vocab: int, dry_run: bool) -> None:
+    """Stats + reverse-KL gradient vs float64 for impl eager and compiled; stats-pass bandwidth as %
+    of a device copy of the same bytes (target for the compiled path on GPU: >= 70)."""
     from megatron_tip.ops import vocab_parallel_reverse_kl, vocab_parallel_token_stats
 
     g = torch.Generator(device="cpu").manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         zs = (torch.randn(n, vocab, generator=g, device="cpu") * 3).to(device=device, dtype=dtype)
         zt = (zs.float() + torch.randn(n, vocab, generator=g, device="cpu").to(device)).to(dtype)
-        st = vocab_parallel_token_stats(zs, zt, vocab_size=vocab)
         rows = slice(0, min(n, 64))  # float64 reference on a slice (memory)
         ls, lt = zs[rows].double().log_softmax(-1), zt[rows].double().log_softmax(-1)
         ref_kl = (ls.exp() * (ls - lt)).sum(-1)
         ref_h = -(ls.exp() * ls).sum(-1) / math.log(vocab)
-        err_kl = float((st.reverse_kl[rows].double() - ref_kl).abs().max())
-        err_h = float((st.norm_entropy[rows].double() - ref_h).abs().max())
-        zg = zs[rows].clone().requires_grad_(True)
-        vocab_parallel_reverse_kl(zg, zt[rows], vocab_size=vocab).sum().backward()
         zr = zs[rows].double().requires_grad_(True)
         lsr = zr.log_softmax(-1)
         (lsr.exp() * (lsr - lt)).sum().backward()
-        err_grad = float((zg.grad.double() - zr.grad).abs().max())
-        t_stats = _timed(lambda: vocab_parallel_token_stats(zs, zt, vocab_size=vocab), device=device, repeats=3)
         src = torch.empty(2 * zs.numel() * zs.element_size(), dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         t_copy = _timed(lambda: dst.copy_(src), device=device, repeats=3)
         read = 2 * zs.numel() * zs.element_size()  # the stats pass reads both logit tensors once
-        bw_stats, bw_copy = read / t_stats, 2 * read / t_copy  # a copy reads and writes the bytes
-        report(f"ops_{str(dtype).removeprefix('torch.')}", tokens=n, vocab=vocab, max_err_reverse_kl=err_kl,
-               max_err_norm_entropy=err_h, max_err_grad=err_grad, stats_s=round(t_stats, 5),
-               stats_GBps=round(bw_stats / 1e9, 1), copy_GBps=round(bw_copy / 1e9, 1),
-               pct_of_copy=round(100 * bw_stats / bw_copy, 1),
-               ok=err_kl < (1e-4 if dtype == torch.float32 else 2e-2) and math.isfinite(err_grad))
+        bw_copy = 2 * read / t_copy  # a copy reads and writes the bytes
+        del src, dst
+        res, ok = {}, True
+        for impl in ("eager", "compiled"):
+            with _impl_context(impl, dry_run):
+                st = vocab_parallel_token_stats(zs, zt, vocab_size=vocab, impl=impl)
+                zg = zs[rows].clone().requires_grad_(True)
+                vocab_parallel_reverse_kl(zg, zt[rows], vocab_size=vocab, impl=impl).sum().backward()
+                t_stats = _timed(lambda: vocab_parallel_token_stats(zs, zt, vocab_size=vocab, impl=impl),
+                                 device=device, repeats=3)
+                zf = zs.detach().requires_grad_(True)
+                t_fb = _timed(lambda: vocab_parallel_reverse_kl(zf, zt, vocab_size=vocab, impl=impl).sum().backward(),
+                              device=device, repeats=3)
+            err_kl = float((st.reverse_kl[rows].double() - ref_kl).abs().max())
+            err_h = float((st.norm_entropy[rows].double() - ref_h).abs().max())
+            err_grad = float((zg.grad.double() - zr.grad).abs().max())
+            ok = ok and err_kl < (1e-4 if dtype == torch.float32 else 2e-2) and math.isfinite(err_grad)
+            res[impl] = dict(max_err_reverse_kl=err_kl, max_err_norm_entropy=err_h, max_err_grad=err_grad,
+                             stats_s=round(t_stats, 5), kl_fwd_bwd_s=round(t_fb, 5),
+                             stats_GBps=round(read / t_stats / 1e9, 1),
+                             pct_of_copy=round(100 * read / t_stats / bw_copy, 1))
+        report(f"ops_{str(dtype).removeprefix('torch.')}", tokens=n, vocab=vocab, copy_GBps=round(bw_copy / 1e9, 1),
+               **res, stats_speedup_compiled=round(res["eager"]["stats_s"] / res["compiled"]["stats_s"], 2),
+               kl_fwd_bwd_speedup_compiled=round(res["eager"]["kl_fwd_bwd_s"] / res["compiled"]["kl_fwd_bwd_s"], 2),
+               compiled_meets_70pct_of_copy=res["compiled"]["pct_of_copy"] >= 70, compile_s=_compile_s(), ok=ok)
+
+
+def _peak_extra(fn, device: torch.device) -> Optional[float]:
+    """MiB allocated by one call of ``fn`` beyond what was live before it (CUDA; None on CPU)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def check_fused_linear(device: torch.device, *, vocab: int, hidden: int, n_check: int, n_perf: list[int],
+                       dry_run: bool) -> None:
+    """bf16 fused output layer + reverse KL (``vocab_parallel_linear_reverse_kl``, impl compiled):
+    KL and the gradients of hidden and weight vs float64 math on the same bf16 inputs (tolerance of
+    tests/unit/test_ops_fused_linear_rkl.py: 2% of the largest magnitude + 3% relative); then fwd+bwd
+    time and peak extra memory vs the unfused path (bf16 logits h W^T of both models, then
+    ``vocab_parallel_reverse_kl``) at each N in ``n_perf`` (target: flat in N, <= 1/4 at N=8k)."""
+    from megatron_tip.ops import vocab_parallel_linear_reverse_kl, vocab_parallel_reverse_kl
+    from tests.helpers.fused_rkl_cases import reference
+
+    dt = torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(1)
+    scale = 3 / hidden ** 0.5  # logits with std ~3
+    ws = (torch.randn(vocab, hidden, generator=g) * scale).to(device=device, dtype=dt)
+    wt = (ws.float() + torch.randn(vocab, hidden, generator=g).to(device) * scale).to(dt)
+    n_max = max([n_check, *n_perf])
+    hs = torch.randn(n_max, hidden, generator=g).to(device=device, dtype=dt)
+    ht = torch.randn(n_max, hidden, generator=g).to(device=device, dtype=dt)
+
+    def fused(n):
+        h, w = hs[:n].detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        vocab_parallel_linear_reverse_kl(h, w, ht[:n], wt, vocab_size=vocab, impl="compiled").sum().backward()
+        return h.grad, w.grad
+
+    def unfused(n):
+        h, w = hs[:n].detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        with torch.no_grad():
+            t_logits = ht[:n] @ wt.t()
+        vocab_parallel_reverse_kl(h @ w.t(), t_logits, vocab_size=vocab, impl="compiled").sum().backward()
+        return h.grad, w.grad
+
+    with _impl_context("compiled", dry_run):
+        h, w = hs[:n_check].detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        kl = vocab_parallel_linear_reverse_kl(h, w, ht[:n_check], wt, vocab_size=vocab, impl="compiled")
+        kl.sum().backward()
+        ref_kl, ref_gh, ref_gw = reference(ws, wt, hs[:n_check], ht[:n_check], vocab,
+                                           torch.ones(n_check, dtype=torch.float64, device=device))
+        errs, ok = {}, True
+        for name, got, ref in (("kl", kl, ref_kl), ("grad_hidden", h.grad, ref_gh), ("grad_weight", w.grad, ref_gw)):
+            err = (got.detach().double() - ref).abs()
+            tol = 2e-2 * float(ref.abs().max()) + 3e-2 * ref.abs()
+            errs[f"max_err_{name}"] = float(err.max())
+            errs[f"max_abs_{name}"] = float(ref.abs().max())
+            ok = ok and bool((err <= tol).all())
+        del h, w, kl, ref_gh, ref_gw
+        perf = []
+        for n in n_perf:
+            row = {"tokens": n}
+            for name, fn in (("fused", fused), ("unfused", unfused)):
+                row[f"{name}_s"] = round(_timed(lambda: fn(n), device=device, repeats=3), 5)
+                row[f"{name}_peak_extra_MiB"] = _peak_extra(lambda: fn(n), device)
+            row["speedup_fused"] = round(row["unfused_s"] / row["fused_s"], 2)
+            if row["fused_peak_extra_MiB"] is not None:
+                nh = n * hidden * hs.element_size() / 2**20  # the [N, H] hidden-state gradient
+                row["fused_minus_NH_MiB"] = round(row["fused_peak_extra_MiB"] - nh, 1)
+                row["memory_ratio_fused_to_unfused"] = round(row["fused_peak_extra_MiB"] / row["unfused_peak_extra_MiB"], 3)
+            perf.append(row)
+    flat = None
+    if perf and perf[0].get("fused_minus_NH_MiB"):
+        flat = round(perf[-1]["fused_minus_NH_MiB"] / perf[0]["fused_minus_NH_MiB"], 2)
+    report("fused_linear_bfloat16", vocab=vocab, hidden=hidden, check_tokens=n_check, **errs, perf=perf,
+           memory_flatness_last_over_first=flat, compile_s=_compile_s(), ok=ok)
 
 
 def _train(out: Path, *overrides: str, timeout: int) -> tuple[int, list[dict], str]:
@@ -154,7 +265,11 @@ def main() -> int:
         return 2
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     t0 = time.perf_counter()
-    check_ops(device, n=4096 if cuda else 64, vocab=151_936 if cuda else 4096)
+    check_ops(device, n=4096 if cuda else 64, vocab=151_936 if cuda else 4096, dry_run=not cuda)
+    if cuda:
+        check_fused_linear(device, vocab=151_936, hidden=1024, n_check=256, n_perf=[2048, 8192, 32768], dry_run=False)
+    else:
+        check_fused_linear(device, vocab=1000, hidden=32, n_check=24, n_perf=[32, 128], dry_run=True)
     steps = 10 if cuda else 2
     dtype = "bfloat16" if cuda else "float32"
     check_train("megatron", steps=steps, dtype=dtype, extra=[], timeout=300)
