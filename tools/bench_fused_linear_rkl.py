@@ -118,13 +118,14 @@ def _measure_times(rank, world, methods, n, vocab, hidden, seed, repeats):
 
 def _time_table(a, methods) -> None:
     print(f"\ntime table: N={a.time_tokens}, best of {a.repeats} interleaved fwd+bwd calls per method (s, slowest rank)")
-    print(f"{'N':>6} {'TP':>2} | " + " ".join(f"{m:>14}" for m in methods) + " | fused_compiled vs today, vs today_compiled")
+    base = [b for b in ("today", "today_compiled") if b in methods and "fused_compiled" in methods]
+    print(f"{'N':>6} {'TP':>2} | " + " ".join(f"{m:>14}" for m in methods) + " | "
+          + " ".join(f"{b}/fused_compiled" for b in base))
     for tp in a.tp:
         res = run_distributed(_measure_times, tp, methods, a.time_tokens, a.vocab, a.hidden, 0, a.repeats,
                               timeout=6 * 3600)
         t = {m: max(r[m] for r in res) for m in methods}
-        ratio = " ".join(f"{t[b] / t['fused_compiled']:6.2f}" for b in ("today", "today_compiled")
-                         if b in t and "fused_compiled" in t)
+        ratio = " ".join(f"{t[b] / t['fused_compiled']:{len(b) + 15}.2f}" for b in base)
         print(f"{a.time_tokens:>6} {tp:>2} | " + " ".join(f"{t[m]:14.2f}" for m in methods) + f" | {ratio}",
               flush=True)
 
