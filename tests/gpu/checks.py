@@ -61,6 +61,13 @@ def _impl_context(impl: str, dry_run: bool):
     return contextlib.nullcontext()
 
 
+def _copy_s(nbytes: int, device: torch.device) -> float:
+    """Seconds of a device-to-device copy of ``nbytes`` (buffers freed on return)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _timed(lambda: dst.copy_(src), device=device, repeats=3)
+
+
 def _compile_s() -> float:
     from megatron_tip.ops.compiled import COMPILE_LOG
     return round(sum(COMPILE_LOG.values()), 1)
@@ -82,12 +89,8 @@ def check_ops(device: torch.device, *, n: int, vocab: int, dry_run: bool) -> Non
         zr = zs[rows].double().requires_grad_(True)
         lsr = zr.log_softmax(-1)
         (lsr.exp() * (lsr - lt)).sum().backward()
-        src = torch.empty(2 * zs.numel() * zs.element_size(), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        t_copy = _timed(lambda: dst.copy_(src), device=device, repeats=3)
         read = 2 * zs.numel() * zs.element_size()  # the stats pass reads both logit tensors once
-        bw_copy = 2 * read / t_copy  # a copy reads and writes the bytes
-        del src, dst
+        bw_copy = 2 * read / _copy_s(read, device)  # a copy reads and writes the bytes
         res, ok = {}, True
         for impl in ("eager", "compiled"):
             with _impl_context(impl, dry_run):
