@@ -180,8 +180,8 @@ def fused_loss_bytes(inp: PlanInputs, n: int) -> dict[str, int]:
     rows = w.stats_chunk_size or max(1, FUSED_CHUNK_BYTES // (4 * v_local))
     rows = _row_bucket(max(1, min(n, rows)), rows)
     impl = ops_impl(inp)
-    if impl == "eager":
-        work = 5 * min(rows, max(1, OPS_CHUNK_BYTES // (v_valid * 4))) * v_valid * 4
+    if impl == "eager":  # on the chunk's real rows (the buffers have the bucket's)
+        work = 5 * min(rows, n, max(1, OPS_CHUNK_BYTES // (v_valid * 4))) * v_valid * 4
     else:
         work = 6 * rows * v_valid * 4 if inp.runtime.traced_kernels else 0
     acc = v_local * h * 4
