@@ -26,7 +26,6 @@ import torch.distributed as dist
 import megatron_tip.ops.compiled as _compiled
 from megatron_tip.ops.compiled import compute_dtype
 from megatron_tip.ops.token_stats import (
-    VocabParallelTokenStatsMath,
     _default_chunk,
     _eager_grad_into,
     _eager_sums,

@@ -13,7 +13,6 @@ from torch._dynamo.utils import counters
 
 import megatron_tip.ops.compiled as C
 from megatron_tip.ops import (
-    vocab_parallel_linear_reverse_kl,
     vocab_parallel_reverse_kl,
     vocab_parallel_token_stats,
 )
