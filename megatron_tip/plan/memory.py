@@ -186,7 +186,7 @@ def fused_loss_bytes(inp: PlanInputs, n: int) -> dict[str, int]:
         work = 6 * rows * v_valid * 4 if inp.runtime.traced_kernels else 0
     acc = v_local * h * 4
     low = a_s != 4
-    loop = 3 * rows * v_valid * max(a_s, a_t) + work + (v_valid * h * a_s if low else 0)
+    loop = rows * v_valid * (2 * a_s + a_t) + work + (v_valid * h * a_s if low else 0)  # z_S, dKL/dz_S; z_T
     return {"teacher hidden rows [n, H_T]": n * inp.teacher.hidden_size * a_t,
             "hidden rows fp32 copy + cast (Float16Module)": n * h * (4 + a_s) if low else 0,
             "hidden-state gradient [n, H]": n * h * a_s + 24 * n,
