@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
     "data": ["pyarrow>=14"],  # python -m megatron_tip.data.prepare on the published .parquet files
     # GPU clusters. 0.32 is the release whose CPU build the -m vllm tests pass with (same API);
     # it pins torch==2.13.0 and transformers>=5.16.1,<5.20. CPU: requirements/cpu-vllm.txt (README).

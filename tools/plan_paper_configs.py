@@ -2,6 +2,7 @@
 
     python tools/plan_paper_configs.py                      # print the reports
     python tools/plan_paper_configs.py --out docs/planner   # write <config>.txt (+ <config>.proposed.txt)
+    python tools/plan_paper_configs.py --table              # the variants table of docs/planner.md §4
 
 The YAMLs carry the memory settings the planner argues for (distributed optimizer, a small
 scoring.stats_chunk_size). ``PROPOSED`` holds, per config, what the planner proposes beyond
@@ -41,10 +42,56 @@ def report(name: str, *, proposed: bool = False, extra: list[str] = (), json_out
     return rc, buf.getvalue()
 
 
+# (label, overrides) rows of the variants table, per config (the proposal is added where there is one)
+VARIANTS = [("**as configured**", []),
+            ("without distributed optimizer, stats chunk 2048",
+             ["optim.distributed_optimizer=false", "scoring.stats_chunk_size=2048"]),
+            ("unfused gradient-pass output layer", ["scoring.fused_output_layer=false"]),
+            ("vLLM sleep level 0", ["rollout.vllm_sleep_level=0"]),
+            ("rollout.engine=megatron", ["rollout.engine=megatron"])]
+
+
+def table() -> str:
+    """Markdown rows: per config and variant, GiB per phase (worst stage), peak, fit, step seconds."""
+    import json
+
+    import yaml
+
+    gib = 2**30
+    lines = ["| config | settings | layout | rollout | scoring | gradient | optimizer | peak | fit | step s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in PROPOSED:
+        engine = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()).get("rollout", {}).get("engine")
+        variants = list(VARIANTS) if engine == "vllm" else [VARIANTS[0], VARIANTS[2]]
+        if PROPOSED[name]:
+            variants += [("**proposed: " + ", ".join(PROPOSED[name]) + "**", PROPOSED[name]),
+                         ("proposed with the megatron engine", PROPOSED[name] + ["rollout.engine=megatron"])]
+        for label, extra in variants:
+            rc, text = report(name, extra=extra, json_out=True)
+            p = json.loads(text)
+            st = p["stages"][p["worst_stage"]]
+            lay = p["layout"]
+            t = p["time_s"]
+            scoring = t["teacher scoring"] + t["student scoring"]
+            fit = "fits" + (", tight" if p["tight"] else "") if p["fits"] else "**does not fit**"
+            lines.append(
+                f"| {name} | {label} | {lay['tp'] * lay['pp'] * lay['dp']} GPUs, TP{lay['tp']} PP{lay['pp']} "
+                f"DP{lay['dp']} | " + " | ".join(f"{st['totals'].get(k, 0) / gib:.1f}" for k in
+                                                 ("rollout", "scoring", "gradient", "optimizer"))
+                + f" | **{p['peak_bytes'] / gib:.1f}** ({p['peak_phase']}) | {fit} | {sum(t.values()):.0f} "
+                f"({t['rollout']:.0f} / {scoring:.0f} / {t['gradient pass + optimizer']:.0f} / "
+                f"{t['weight sync']:.1f}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for <config>.txt (default: print)")
+    ap.add_argument("--table", action="store_true", help="print the variants table (markdown) instead")
     args = ap.parse_args()
+    if args.table:
+        print(table())
+        return
     for name in PROPOSED:
         for proposed in (False, True) if PROPOSED[name] else (False,):
             rc, text = report(name, proposed=proposed)

@@ -1,7 +1,8 @@
 """Plots of tools/bench_token_budget.py's JSON: memory and time vs keep ratio ρ.
 
 - token_budget_cpu_measured.png: the scaled Qwen3-shaped pair on CPU, measured: whole-step peak
-  and each phase's peak (live tensors), the planner's prediction, and CPU seconds per phase
+  and each phase's peak (live tensors), the planner's prediction, and CPU seconds per phase;
+  with the fused output layer (the default), plus the unfused runs dashed where the JSON has them
 - token_budget_qwen3_8b_4b_h100.png: the planner's projection for Qwen3-8B -> 4B on 8 x H100
   (per-phase memory and step-time split), with the paper's reported end-to-end peaks
 
@@ -24,7 +25,8 @@ PHASE_COLORS = {"rollout": "tab:green", "scoring": "tab:blue", "gradient": "tab:
 
 
 def plot_measured(r: dict, out: Path) -> Path:
-    rows = sorted(r["measured"], key=lambda x: -x["rho"])
+    rows = sorted([x for x in r["measured"] if x.get("fused", True)], key=lambda x: -x["rho"])
+    off = sorted([x for x in r["measured"] if not x.get("fused", True)], key=lambda x: -x["rho"])
     x = [row["rho"] for row in rows]
     mib = 2**20
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -35,23 +37,33 @@ def plot_measured(r: dict, out: Path) -> Path:
                color=color, lw=1, label=f"{phase} phase")
     a.plot(x, [row["predicted"]["step_peak"] / mib for row in rows], ls="none", marker="x", ms=10, color="k",
            label="planner's prediction")
+    if off:
+        xo = [row["rho"] for row in off]
+        a.plot(xo, [row["step_peak"] / mib for row in off], marker="s", color="k", ls="--", lw=1.5,
+               label="whole step, unfused output layer")
+        a.plot(xo, [(row["resident"] + row["phase_peaks"].get("gradient", 0)) / mib for row in off], marker="o",
+               color="tab:red", ls="--", lw=1, label="gradient phase, unfused")
     a.set_xscale("log")
     a.set_xticks(x, [f"{v:g}" for v in x])
     a.set_xlabel("keep ratio ρ")
     a.set_ylabel("peak live tensors (MiB)")
     a.set_ylim(bottom=0)
     a.legend(fontsize=8)
-    a.set_title("memory (measured, CPU)")
+    a.set_title("memory (measured, CPU; fused output layer unless dashed)")
     bottom = [0.0] * len(rows)
     for key, color in (("rollout", "tab:green"), ("scoring", "tab:blue"), ("selection", "tab:gray"),
                        ("gradient", "tab:red"), ("optimizer", "tab:purple")):
         vals = [row["cpu_s"].get(key, 0.0) for row in rows]
         b.bar([f"{v:g}" for v in x], vals, bottom=bottom, color=color, label=key)
         bottom = [u + v for u, v in zip(bottom, vals)]
+    if off:
+        labels = [f"{v:g}" for v in x]
+        b.plot([labels[x.index(row["rho"])] for row in off if row["rho"] in x], [row["cpu_s"]["step"] for row in off
+               if row["rho"] in x], ls="none", marker="_", ms=30, mew=2, color="k", label="step, unfused")
     b.set_xlabel("keep ratio ρ")
     b.set_ylabel("CPU seconds per step")
     b.legend(fontsize=8)
-    b.set_title("time (measured, CPU, 1 thread)")
+    b.set_title("time (measured, CPU, 1 thread; fused output layer)")
     s, t = r["student"], r["teacher"]
     sh = rows[0]["shapes"]
     fig.suptitle(f"Whole TIP step vs ρ: Qwen3-shaped student h{s['hidden']} L{s['layers']} / teacher "
@@ -73,6 +85,10 @@ def plot_projection(r: dict, out: Path) -> Path:
            label="whole step (planner)")
     for phase, color in PHASE_COLORS.items():
         a.plot(x, [row["totals"][phase] / gib for row in rows], marker="o", color=color, lw=1, label=f"{phase} phase")
+    off = sorted(r.get("projection_unfused", []), key=lambda x: -x["rho"])
+    if off:
+        a.plot([row["rho"] for row in off], [row["totals"]["gradient"] / gib for row in off], marker="o",
+               color="tab:red", ls="--", lw=1, label="gradient phase, unfused output layer")
     a.plot(list(PAPER_QWEN3_PEAK_GB), [v * 1e9 / gib for v in PAPER_QWEN3_PEAK_GB.values()], ls="--",
            marker="D", color="tab:orange", label="paper, end to end (8 x H200, its code)")
     a.set_xscale("log")

@@ -15,6 +15,8 @@ small student makes carry/copy mistakes a larger teacher does not.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import random
 from dataclasses import dataclass
@@ -78,6 +80,13 @@ def generate_problems(n: int, *, seed: int, min_digits: int = 2, max_digits: int
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _training_problems(n: int, min_digits: int, max_digits: int) -> frozenset[str]:
+    """Problems of the train split and SFT streams (their first n each); cached: it takes seconds."""
+    return frozenset(p.problem for s in (SPLIT_SEEDS["train"], *SFT_SEEDS)
+                     for p in generate_problems(n, seed=s, min_digits=min_digits, max_digits=max_digits))
+
+
 def split_problems(split: str, n: int, *, min_digits: int = 2, max_digits: int = 3) -> list[Problem]:
     """Problems of a named split (``train``, ``heldout``, ``sft``).
 
@@ -89,9 +98,7 @@ def split_problems(split: str, n: int, *, min_digits: int = 2, max_digits: int =
     if split != "heldout":
         return probs
     # Over-generate, then drop any problem that also appears in the training streams.
-    seeds = (SPLIT_SEEDS["train"], *SFT_SEEDS)
-    seen = {p.problem for s in seeds for p in generate_problems(
-        max(4 * n, EXCLUDE_N), seed=s, min_digits=min_digits, max_digits=max_digits)}
+    seen = set(_training_problems(max(4 * n, EXCLUDE_N), min_digits, max_digits))
     pool = generate_problems(4 * n, seed=SPLIT_SEEDS[split], min_digits=min_digits, max_digits=max_digits)
     out = []
     for p in pool:  # also drop repeats within the split, so held-out problems are unique

@@ -64,9 +64,16 @@ class Runtime:
     attention: str = "flash"  # flash (Transformer Engine) | unfused (megatron local spec)
     fused_adam: bool = True  # TE/apex FusedAdam (no temporaries) vs torch AdamW (per-tensor temporaries)
     reserve_bytes: int = 3 * 2**30  # CUDA context, cuBLAS workspace, NCCL communicators
+    # True where torch.compile'd ops kernels run as their plain-torch bodies (under a
+    # TorchDispatchMode such as PeakMemory, which compile refuses): their [rows, v] temporaries
+    # then exist. Only for predicting measurements made under such a tracker.
+    traced_kernels: bool = False
 
 
 CPU_RUNTIME = Runtime(kind="cpu", attention="unfused", fused_adam=False, reserve_bytes=0)
+# What megatron_tip.testing.memory.PeakMemory sees of a CPU step (calibration, token-budget study).
+TRACED_CPU_RUNTIME = Runtime(kind="cpu", attention="unfused", fused_adam=False, reserve_bytes=0,
+                             traced_kernels=True)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class Workload:
     rollout_micro_batch: int = 8
     vllm_gpu_memory_utilization: float = 0.4
     policy: str = "topk"  # selection policy ("quadrants": the kept share is data-dependent)
+    fused_output_layer: bool = True  # scoring.fused_output_layer: output layer fused into the reverse KL
+    ops_impl: str = "auto"  # scoring.ops_impl: auto | eager | compiled (the ops' chunk kernels)
 
     @property
     def num_microbatches(self) -> int:
@@ -246,6 +255,8 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         rollout_micro_batch=int((planner or {}).get("rollout.micro_batch_size")
                                 or _get(cfg, "rollout.micro_batch_size", default=max(mbs, 8))),
         policy=sel.policy,
+        fused_output_layer=bool(_get(cfg, "scoring.fused_output_layer", default=True)),
+        ops_impl=str(_get(cfg, "scoring.ops_impl", default="auto")),
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
                       teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),

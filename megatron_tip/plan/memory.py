@@ -18,6 +18,8 @@ from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
 
 GiB = 2**30
 OPS_CHUNK_BYTES = 16 * 2**20  # megatron_tip.ops: default fp32 work-buffer size per chunk
+FUSED_CHUNK_BYTES = 64 * 2**20  # megatron_tip.ops.fused_linear_rkl: one [rows, V/TP] fp32 logits chunk
+AUTO_MIN_VOCAB = 4096  # megatron_tip.ops.compiled.AUTO_MIN_VOCAB: "auto" compiles from this shard width
 PHASES = ("rollout", "scoring", "gradient", "optimizer")
 
 
@@ -123,11 +125,73 @@ def _layer_ws(inp: PlanInputs, spec: ModelSpec, dtype: str, *, seq_len: int, mic
                        attention=inp.runtime.attention)
 
 
-def _ops_rows(inp: PlanInputs, n: int) -> int:
-    """Token rows per chunk inside megatron_tip.ops (stats_chunk_size, else ~16 MiB of fp32)."""
+def ops_impl(inp: PlanInputs) -> str:
+    """"eager" or "compiled": what ``scoring.ops_impl`` resolves to (as ops.compiled.resolve_impl,
+    assuming inductor works on the device; $MEGATRON_TIP_OPS_IMPL is not read here)."""
+    impl = inp.workload.ops_impl
+    if impl == "auto":
+        impl = "compiled" if inp.padded_vocab // inp.layout.tp >= AUTO_MIN_VOCAB else "eager"
+    return impl
+
+
+def _row_bucket(n: int, rows: int) -> int:
+    """megatron_tip.ops.compiled.row_bucket: rows of one compiled kernel call."""
+    for k in (8, 4, 2):
+        b = max(1, math.ceil(rows / k))
+        if n <= b:
+            return b
+    return rows
+
+
+def _stats_kernel_bytes(inp: PlanInputs, n: int, *, eager_buffers: int = 5) -> int:
+    """fp32 work memory of one chunked pass of the token-stats kernels over ``n`` rows.
+
+    eager: ``eager_buffers`` reused [rows, v] fp32 buffers. compiled: none inside the kernel
+    (fused), but inputs shorter than a row bucket are copied into zero-padded [bucket, V/TP]
+    buffers; traced (PeakMemory): the kernel body's six live [rows, v] temporaries (a, b, e^a,
+    e^b, a - b and one product).
+    """
     v_local = inp.padded_vocab // inp.layout.tp
+    v_valid = min(v_local, inp.workload.shared_vocab)
     rows = inp.workload.stats_chunk_size or max(1, OPS_CHUNK_BYTES // (v_local * 4))
-    return max(0, min(rows, n))
+    if n <= 0:
+        return 0
+    if ops_impl(inp) == "eager":
+        return eager_buffers * min(rows, n) * v_valid * 4
+    r = _row_bucket(n, rows)
+    pad = r * v_local * (DTYPE_BYTES[inp.student_dtype] + DTYPE_BYTES[inp.teacher_dtype]) if n < r else 0
+    return pad + (6 * r * v_valid * 4 if inp.runtime.traced_kernels else 0)
+
+
+def fused_loss_bytes(inp: PlanInputs, n: int) -> dict[str, int]:
+    """Transient bytes of ``vocab_parallel_linear_reverse_kl`` on ``n`` kept positions (last stage).
+
+    Inside the forward (which also computes the gradient): three [rows, v] chunk buffers (z_S,
+    z_T, dKL/dz_S), the chunk kernels' work memory, [n, H_S] hidden gradient, the weight-shaped
+    fp32 gradient accumulator (cast to the weight's dtype at the end), the teacher's hidden
+    rows [n, H_T]; with bf16 weights also megatron's fp32 copy of the picked hidden rows plus
+    their cast back (Float16Module) and one [v, H] product per chunk (fp32 accumulation).
+    """
+    w, s, lay = inp.workload, inp.student, inp.layout
+    a_s, a_t = DTYPE_BYTES[inp.student_dtype], DTYPE_BYTES[inp.teacher_dtype]
+    v_local = inp.padded_vocab // lay.tp
+    v_valid = min(v_local, w.shared_vocab)
+    h = s.hidden_size
+    rows = w.stats_chunk_size or max(1, FUSED_CHUNK_BYTES // (4 * v_local))
+    rows = _row_bucket(max(1, min(n, rows)), rows)
+    impl = ops_impl(inp)
+    if impl == "eager":  # on the chunk's real rows (the buffers have the bucket's)
+        work = 5 * min(rows, n, max(1, OPS_CHUNK_BYTES // (v_valid * 4))) * v_valid * 4
+    else:
+        work = 6 * rows * v_valid * 4 if inp.runtime.traced_kernels else 0
+    acc = v_local * h * 4
+    low = a_s != 4
+    loop = rows * v_valid * (2 * a_s + a_t) + work + (v_valid * h * a_s if low else 0)  # z_S, dKL/dz_S; z_T
+    return {"teacher hidden rows [n, H_T]": n * inp.teacher.hidden_size * a_t,
+            "hidden rows fp32 copy + cast (Float16Module)": n * h * (4 + a_s) if low else 0,
+            "hidden-state gradient [n, H]": n * h * a_s + 24 * n,
+            "output-weight gradient (fp32 accumulator)": acc,
+            "logits chunks + kernel work (fused)": max(loop, v_local * h * a_s if low else 0)}
 
 
 def _rollout(inp: PlanInputs, stage: int) -> dict[str, int]:
@@ -173,7 +237,7 @@ def _scoring(inp: PlanInputs, stage: int) -> dict[str, int]:
         **hidden,
         "hidden [b*S, H] copies (1 micro-batch)": mb_tokens * (hs * a_s + ht * a_t),
         "logits chunk (student + teacher)": c * v_local * (a_s + a_t),
-        "token-stats work buffers": 5 * _ops_rows(inp, c) * v_valid * 4 + 40 * c * 4,
+        "token-stats work buffers": _stats_kernel_bytes(inp, c) + 40 * c * 4,
         "per-token stats (5 x fp32)": 2 * 5 * rows * 4,
     }
     forward = {"teacher hidden (kept to the gradient pass)": hidden["teacher hidden (kept to the gradient pass)"],
@@ -207,12 +271,12 @@ def _gradient(inp: PlanInputs, stage: int) -> dict[str, int]:
     held = emb if (s.tie_word_embeddings and lay.pp == 1) else 0
     moments = [{**acts, "backward working set (1 layer)": bwd_ws,
                 "output-layer weight grad held for the tied embedding": held}]
-    if last:
-        v_valid = min(v_local, w.shared_vocab)
-        rows = _ops_rows(inp, n)
+    if last and w.fused_output_layer:
+        moments.append({**acts, **fused_loss_bytes(inp, n)})
+    elif last:
         logits = n * v_local * (a_s + a_t)  # student logits (graph) + teacher logits, kept positions
-        loss_fwd = 5 * rows * v_valid * 4 + n * inp.teacher.hidden_size * a_t
-        loss_bwd = n * v_local * a_s + 2 * rows * v_valid * 4  # dL/dlogits + two fp32 chunks
+        loss_fwd = _stats_kernel_bytes(inp, n) + n * inp.teacher.hidden_size * a_t
+        loss_bwd = n * v_local * a_s + _stats_kernel_bytes(inp, n, eager_buffers=2)  # dL/dlogits + work
         out_bwd = n * v_local * a_s + emb  # dL/dlogits + output weight grad
         moments.append({**acts, "logits at kept positions + loss": max(logits + max(loss_fwd, loss_bwd), out_bwd)})
     if first:  # dense embedding gradient at the end of backward (earlier micro-batches still live)

@@ -5,7 +5,8 @@ from typing import Any
 
 from megatron_tip.plan.devices import EFFICIENCY, LAUNCH_OVERHEAD_S
 from megatron_tip.plan.inputs import PlanInputs
-from megatron_tip.plan.memory import GiB, PHASES, StageMemory, plan_memory, total_params, vllm_kv_capacity_tokens
+from megatron_tip.plan.memory import (GiB, PHASES, StageMemory, ops_impl, plan_memory, total_params,
+                                      vllm_kv_capacity_tokens)
 from megatron_tip.plan.timing import step_time
 
 TIGHT = 0.05  # headroom below this fraction of the device is reported as tight
@@ -105,7 +106,9 @@ def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> st
              f"  step     {w.rollouts} sequences per DP rank x {w.seq_len} tokens (worst case: prompt "
              f"{w.prompt_len} + response {w.response_len}), {w.num_microbatches} micro-batch(es) of {w.micro_batch}; "
              f"keep ratio {w.keep_ratio:g} -> {kept} of {w.response_len} positions per sequence in the gradient pass; "
-             f"scoring logits {w.score_chunk_tokens} rows at a time", ""]
+             f"scoring logits {w.score_chunk_tokens} rows at a time; gradient-pass output layer "
+             f"{'fused into the reverse KL' if w.fused_output_layer else 'unfused ([n_kept, V/TP] logits)'}, "
+             f"ops kernels {ops_impl(inp)}", ""]
     for s in plan["stages"]:
         sm = StageMemory(s["stage"], s["persistent"], s["phases"])
         worst = " (worst)" if s["stage"] == plan["worst_stage"] and lay.pp > 1 else ""

@@ -13,7 +13,7 @@ import math
 from megatron_tip.models.spec import ModelSpec
 from megatron_tip.plan.devices import COLLECTIVE_LATENCY_S, EFFICIENCY, LAUNCH_OVERHEAD_S
 from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
-from megatron_tip.plan.memory import params_per_rank, total_params
+from megatron_tip.plan.memory import ops_impl, params_per_rank, total_params
 
 
 def matmul_params_per_layer(spec: ModelSpec) -> int:
@@ -60,9 +60,11 @@ def _scoring(inp: PlanInputs, spec: ModelSpec, dtype: str, *, stats: bool) -> fl
     flops = forward_flops(spec, tokens=tokens, context=_context(inp, w.seq_len), logits_tokens=tokens,
                           vocab=inp.padded_vocab)
     s = _gemm_s(inp, flops, bubble=bubble) + _tp_comm_s(inp, spec, tokens, 2, DTYPE_BYTES[dtype])
-    if stats:  # token stats: ~4 reads of both logits shards + ~68 B of fp32 buffer traffic per element
+    if stats:  # token stats: eager ~2 reads of both logits shards + ~68 B of fp32 buffer traffic per
+        # element; compiled: one fused read of both (no fp32 temporaries)
         act = DTYPE_BYTES[inp.student_dtype] + DTYPE_BYTES[inp.teacher_dtype]
-        s += _hbm_s(inp, tokens * inp.padded_vocab / inp.layout.tp * (2 * act + 68))
+        per = 2 * act + 68 if ops_impl(inp) == "eager" else act
+        s += _hbm_s(inp, tokens * inp.padded_vocab / inp.layout.tp * per)
     return s
 
 
@@ -82,7 +84,10 @@ def _gradient(inp: PlanInputs) -> float:
     act = DTYPE_BYTES[inp.student_dtype]
     t = _gemm_s(inp, passes * backbone + recomputed + out_layer, bubble=bubble)
     t += _tp_comm_s(inp, s, tokens, 4 + (2 if st.recompute_granularity == "full" else 0), act)
-    t += _hbm_s(inp, kept * inp.padded_vocab / lay.tp * (3 * (act + DTYPE_BYTES[inp.teacher_dtype]) + 110))
+    # logits written, read by the stats and the gradient kernels (fused or not: a 64 MiB chunk does
+    # not stay in cache), + the eager kernels' fp32 buffer traffic; same FLOPs either way
+    fp32 = 110 if ops_impl(inp) == "eager" else 0
+    t += _hbm_s(inp, kept * inp.padded_vocab / lay.tp * (3 * (act + DTYPE_BYTES[inp.teacher_dtype]) + fp32))
     # data-parallel gradient reduction and the optimizer step (per stage, worst stage)
     n = max(params_per_rank(s, tp=lay.tp, pp=lay.pp, pp_rank=p, padded_vocab=inp.padded_vocab)
             for p in range(lay.pp))

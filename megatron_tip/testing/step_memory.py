@@ -41,6 +41,10 @@ class Case:
     micro_batch: int = 2
     score_chunk_tokens: int = 128
     stats_chunk_size: Optional[int] = None
+    fused_output_layer: bool = True  # scoring.fused_output_layer (the trainer's default)
+    # scoring.ops_impl. PeakMemory cannot see inside torch.compile kernels (compile refuses a
+    # dispatch mode, so their bodies run as plain ops there): calibrate the eager path.
+    ops_impl: str = "eager"
 
     @property
     def world(self) -> int:
@@ -78,7 +82,9 @@ def overrides(case: Case, root: Path) -> list[str]:
             f"train.prompts_per_step={case.rollouts}", "rollout.samples_per_prompt=1",
             f"rollout.max_new_tokens={case.response_len}",
             f"scoring.score_chunk_tokens={case.score_chunk_tokens}", "log.tensorboard=false",
-            f"run.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy] + (
+            f"run.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy,
+            f"scoring.fused_output_layer={str(case.fused_output_layer).lower()}",
+            f"scoring.ops_impl={case.ops_impl}"] + (
             [f"scoring.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else [])
 
 
@@ -127,18 +133,20 @@ def measure_rank(rank: int, world: int, case: Case, root: Path) -> dict:
 
 
 def predict(case: Case, root: Path):
-    """The planner's StageMemory list for ``case`` (same shapes, CPU runtime, no rollout phase)."""
-    from megatron_tip.plan.inputs import CPU_RUNTIME, Layout, PlanInputs, Settings, Workload
+    """The planner's StageMemory list for ``case`` (same shapes, CPU runtime as PeakMemory sees it:
+    compiled kernels run as plain ops; no rollout phase)."""
+    from megatron_tip.plan.inputs import TRACED_CPU_RUNTIME, Layout, PlanInputs, Settings, Workload
     from megatron_tip.plan.memory import plan_memory
     from megatron_tip.checkpoint import read_spec
 
     w = Workload(rollouts=case.rollouts, seq_len=case.seq_len, prompt_len=case.prompt_len,
                  response_len=case.response_len, micro_batch=case.micro_batch, keep_ratio=case.keep_ratio,
                  score_chunk_tokens=case.score_chunk_tokens, stats_chunk_size=case.stats_chunk_size,
-                 shared_vocab=case.vocab, rollout_engine="none")
+                 shared_vocab=case.vocab, rollout_engine="none", fused_output_layer=case.fused_output_layer,
+                 ops_impl=case.ops_impl)
     inp = PlanInputs(student=read_spec(str(root / "student")), teacher=read_spec(str(root / "teacher")),
                      student_dtype="float32", teacher_dtype="float32", layout=Layout(tp=case.tp, pp=case.pp, dp=1),
-                     settings=Settings(), workload=w, runtime=CPU_RUNTIME)
+                     settings=Settings(), workload=w, runtime=TRACED_CPU_RUNTIME)
     return plan_memory(inp)
 
 

@@ -43,6 +43,7 @@ def test_cli_end_to_end_on_tiny_random_model(tokenizer, tmp_path):
     assert "mean@2" in res.stdout and "pass@2" in res.stdout
 
 
+@pytest.mark.slow  # ~35 s (converts, then evaluates twice); test_cli_end_to_end_on_tiny_random_model is the CI variant
 def test_cli_on_megatron_checkpoint_equals_hf(tmp_path):
     """A megatron checkpoint is exported to HF and evaluated; greedy results equal the HF run's."""
     from megatron_tip.convert.run import hf_to_megatron

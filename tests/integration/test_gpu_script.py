@@ -1,5 +1,6 @@
 """tests/gpu/run.sh is valid bash and its Python checks run end to end on the CPU (--dry-run)."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.timeout(600)
 def test_gpu_script_parses_and_dry_runs():
     assert subprocess.run(["bash", "-n", "tests/gpu/run.sh"], cwd=REPO).returncode == 0
     res = subprocess.run(["bash", "tests/gpu/run.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                         timeout=540)
+                         timeout=540, env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code
     assert res.returncode == 0, res.stderr[-3000:]
     checks = {}
     for line in res.stdout.splitlines():

@@ -1,5 +1,6 @@
 """The scaling-study tools on a reduced grid: CSV rows, resumability, PNG plots."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.paths import REPO
-pytestmark = pytest.mark.timeout(600)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, whatever is pip-installed
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # ~75 s: the sweep tool end to end
 
 
 def _sweep(out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "tools/sweep_tip.py", "--out", str(out), "--grid", "reduced", "--steps", "2",
            "--eval-limit", "4"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=550)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=550, env=ENV)
 
 
 def test_reduced_sweep_csv_resume_and_plots(tmp_path):
@@ -35,7 +37,7 @@ def test_reduced_sweep_csv_resume_and_plots(tmp_path):
     assert again.returncode == 0 and len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 2
     assert not (tmp_path / "logs").joinpath("x").exists() and "acc" not in again.stderr.split("sweep")[-1]
     plot = subprocess.run([sys.executable, "tools/plot_sweep.py", "--csv", str(tmp_path / "results.csv")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
     assert plot.returncode == 0, plot.stderr[-2000:]
     for name in ("accuracy_vs_keep_ratio.png", "entropy_divergence_hist.png"):
         png = tmp_path / "plots" / name

@@ -87,3 +87,42 @@ def test_recomputation_and_sequence_parallel_order(attention):
     if attention == "flash":
         assert acts(sp=True) < acts()
         assert acts("none") - acts("selective") == 36 * 4096 * 2 * 16 * 2  # the fp32 log-sum-exp
+
+
+def test_fused_output_layer_is_flat_in_kept_tokens_and_unfused_grows():
+    """Fused: chunk buffers + [n, H] + one fp32 weight-shaped accumulator; unfused: [n, V/TP] logits."""
+    def loss_bytes(keep, fused):
+        inp = _inputs(keep=keep).with_(fused_output_layer=fused)
+        g = plan_memory(inp)[0].phases["gradient"]
+        return g, sum(g.values())
+
+    fused = {k: loss_bytes(k, True) for k in (1.0, 0.2)}
+    g = fused[1.0][0]
+    v_local, h = 152064 // 2, QWEN4B.hidden_size
+    assert g["output-weight gradient (fp32 accumulator)"] == v_local * h * 4
+    # stats_chunk_size=256 rows: z_S, z_T, dKL/dz_S chunks (bf16) + one [v, H] bf16 product (TP rank 0:
+    # every column of its shard is a real token)
+    assert g["logits chunks + kernel work (fused)"] == 3 * 256 * v_local * 2 + v_local * h * 2
+    n = 8192  # kept positions of one micro-batch at rho = 1
+    assert g["hidden-state gradient [n, H]"] == n * h * 2 + 24 * n
+    unfused = {k: loss_bytes(k, False)[1] for k in (1.0, 0.2)}
+    # rho 1 -> 0.2 drops 0.8 x 8192 rows of [V/TP] logits (student + teacher, bf16) and more
+    assert unfused[1.0] - unfused[0.2] >= 0.8 * n * v_local * 4
+    assert fused[1.0][1] - fused[0.2][1] < unfused[1.0] - unfused[0.2]
+    assert fused[1.0][1] < unfused[1.0]
+
+
+def test_ops_impl_auto_compiles_wide_vocab_shards_and_drops_the_eager_buffers():
+    from megatron_tip.ops.compiled import AUTO_MIN_VOCAB
+    from megatron_tip.plan.inputs import TRACED_CPU_RUNTIME
+    from megatron_tip.plan.memory import AUTO_MIN_VOCAB as planner_min, _stats_kernel_bytes, ops_impl
+
+    assert planner_min == AUTO_MIN_VOCAB
+    assert ops_impl(_inputs()) == "compiled" and ops_impl(_inputs().with_(ops_impl="eager")) == "eager"
+    narrow = _inputs().with_(layout=Layout(tp=64, pp=1, dp=1))  # 2376 columns per shard: eager
+    assert ops_impl(narrow) == "eager"
+    v_local = 152064 // 2
+    kernel = {impl: _stats_kernel_bytes(_inputs().with_(ops_impl=impl), 512) for impl in ("eager", "compiled")}
+    assert kernel == {"eager": 5 * 256 * v_local * 4, "compiled": 0}  # five fp32 [rows, v] buffers vs none
+    traced = _stats_kernel_bytes(_inputs().with_(runtime=TRACED_CPU_RUNTIME), 512)
+    assert traced == 6 * 256 * v_local * 4  # the kernel body run as plain ops (under PeakMemory)
