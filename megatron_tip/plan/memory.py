@@ -18,7 +18,7 @@ from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
 
 GiB = 2**30
 OPS_CHUNK_BYTES = 16 * 2**20  # megatron_tip.ops: default fp32 work-buffer size per chunk
-FUSED_CHUNK_BYTES = 64 * 2**20  # megatron_tip.ops.fused_linear_rkl: one [rows, V/TP] fp32 logits chunk
+FUSED_CHUNK_BYTES = 256 * 2**20  # megatron_tip.ops.fused_linear_rkl._FUSED_CHUNK_BYTES: one [rows, V/TP] fp32 logits chunk
 AUTO_MIN_VOCAB = 4096  # megatron_tip.ops.compiled.AUTO_MIN_VOCAB: "auto" compiles from this shard width
 PHASES = ("rollout", "scoring", "gradient", "optimizer")
 
