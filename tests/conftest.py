@@ -21,7 +21,9 @@ sys.path.insert(0, str(TOY))  # the toy task's modules (task.py, train_models.py
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    """The toy task's tokenizer, rebuilt from scratch (examples/toy/train_models.py)."""
-    from train_models import build_tokenizer
+    """The toy task's shipped tokenizer (examples/toy/models/tokenizer; loads under transformers 4 and 5)."""
+    from transformers import AutoTokenizer
 
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok = AutoTokenizer.from_pretrained(TOY / "models" / "tokenizer")
+    tok.save_pretrained(tmp_path_factory.mktemp("tok"))  # a private copy tests may write next to
+    return tok

@@ -39,6 +39,11 @@ def build_tokenizer(out_dir: str | Path, *, vocab_size: int = 300, seed: int = 0
     byte fallback keeps any other text encodable. ``hard_vocab_limit=False`` lets the trainer stop
     below ``vocab_size`` (the toy alphabet is tiny), so the real size is ``len(tokenizer)``.
     """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:  # its LlamaTokenizer ignores vocab_file (4 tokens)
+        raise RuntimeError("rebuilding the toy tokenizer needs transformers<5 (pip install 'transformers<5'); "
+                           "the shipped one in examples/toy/models/tokenizer loads under both")
     text = [format_prompt(p.problem) + p.solution for p in generate_problems(3000, seed=seed, min_digits=1)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

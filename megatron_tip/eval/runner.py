@@ -11,6 +11,8 @@ repetition_penalty 1.05-1.1, top_k 20 and extra end ids).
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,9 +51,9 @@ def check_hf_dir(model_dir: str | Path, *, export_to: str | Path | None = None) 
 def hf_generation_config(params: SamplingParams, *, pad_token_id: int):
     """A transformers ``GenerationConfig`` with every sampling-relevant field set from ``params``.
 
-    Pass it with ``use_model_defaults=False``: otherwise transformers (>= 4.50) fills fields left
-    at their global defaults (repetition_penalty 1.0, top_k 50 ...) from the model's own
-    generation_config.json, and takes its eos ids when ours is empty.
+    Every field that matters is set, because transformers fills fields left unset from the
+    model's own generation_config.json (4.50+ unless ``use_model_defaults=False``; 5.x always,
+    from ``model.generation_config``): :func:`make_hf_generate_fn` guards against both.
     """
     from transformers import GenerationConfig
 
@@ -84,6 +86,11 @@ def make_hf_generate_fn(model, tokenizer, *, temperature: float = 1.0, top_p: fl
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             stop_token_ids=tuple(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer))
     gen_config = hf_generation_config(params, pad_token_id=tokenizer.pad_token_id)
+    # transformers 4.50-4.x fills our unset fields from the checkpoint's generation config unless
+    # told not to; 5.x dropped that flag and fills them from ``model.generation_config``, which is
+    # therefore swapped for ours during the call (both: nothing of generation_config.json applies).
+    no_model_defaults = ({"use_model_defaults": False}
+                         if "use_model_defaults" in inspect.signature(model.generate).parameters else {})
 
     @torch.no_grad()
     def generate(prompts: list[str], n: int) -> list[list[str]]:
@@ -91,17 +98,19 @@ def make_hf_generate_fn(model, tokenizer, *, temperature: float = 1.0, top_p: fl
         flat = [p for p in prompts for _ in range(n)]
         out: list[str] = []
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        own, model.generation_config = model.generation_config, copy.deepcopy(gen_config)
         model.eval()
         bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not progress)
         try:
             for i in range(0, len(flat), batch_size):
                 enc = tokenizer(flat[i: i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(model.device)
-                ids = model.generate(**enc, generation_config=gen_config, use_model_defaults=False)
+                ids = model.generate(**enc, generation_config=gen_config, **no_model_defaults)
                 out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 bar.update(len(ids))
         finally:
             tokenizer.padding_side = side
+            model.generation_config = own
             bar.close()
         return [out[j * n: (j + 1) * n] for j in range(len(prompts))]
 
