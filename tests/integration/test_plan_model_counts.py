@@ -1,5 +1,7 @@
 """The planner's counts against megatron-core itself: parameters per rank and saved activations per layer."""
+import gc
 import pytest
+
 import torch
 
 from megatron_tip.launch import run_distributed
@@ -52,10 +54,15 @@ def _saved_per_layer(name: str, tp: int, recompute: str, s: int = 40, b: int = 3
             return model.decoder(model.embedding(ids, pos), attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
 
         forward()  # megatron's global attention buffer exists before the measured forward
-        with PeakMemory() as mem:
-            out = forward()
-            live[layers] = mem.current
-            del out
+        gc.collect()  # no cycle of an earlier test (or forward) may be freed inside the measurement
+        gc.disable()
+        try:
+            with PeakMemory() as mem:
+                out = forward()
+                live[layers] = mem.current
+                del out
+        finally:
+            gc.enable()
     predicted = [stage_activation_bytes(SPECS[name], layers=n, seq_len=s, micro_batch=b, tp=tp, sp=False,
                                         act_bytes=4, attention="unfused", recompute=recompute) for n in (1, 3)]
     return (live[3] - live[1]) / 2, (predicted[1] - predicted[0]) / 2

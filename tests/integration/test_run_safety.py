@@ -86,6 +86,7 @@ def test_fresh_run_into_another_runs_dir_is_refused_unless_overwrite(pair, full,
     assert steps(out) == [0, 1] and not (out / "checkpoints" / "step_000003").exists()
 
 
+@pytest.mark.slow  # CI time; CI keeps the SIGTERM, planted-pickle and refusal tests
 def test_resume_refuses_another_runs_checkpoints(pair, full, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(full, out)
@@ -115,6 +116,7 @@ def test_resuming_a_finished_run_keeps_its_summary(pair, tmp_path):
     assert (out / "summary.json").read_text() == before
 
 
+@pytest.mark.slow  # CI time; CI keeps the SIGTERM, planted-pickle and refusal tests
 def test_resume_rewinds_metrics_and_keeps_the_before_eval(pair, full, tmp_path):
     out = tmp_path / "cut"
     assert train(pair, out, **{"run.exit_interval": 2, "eval.prompts": PROMPTS, "eval.limit": 2})[0] == "ok"
@@ -128,6 +130,7 @@ def test_resume_rewinds_metrics_and_keeps_the_before_eval(pair, full, tmp_path):
     assert set(summary["eval"]) == {"before", "after"}
 
 
+@pytest.mark.slow  # CI time; CI keeps the SIGTERM, planted-pickle and refusal tests
 def test_unreadable_trainer_state_falls_back_to_the_previous_checkpoint(pair, full, tmp_path):
     out = tmp_path / "torn"
     assert train(pair, out, **{"run.exit_interval": 2, "run.save_every": 1})[0] == "ok"
@@ -182,6 +185,7 @@ def _poison_teacher(src, dst):
     return dst
 
 
+@pytest.mark.slow  # CI time; CI keeps the SIGTERM, planted-pickle and refusal tests
 def test_a_run_that_skips_too_many_steps_fails(pair, tmp_path):
     root, teacher, student = pair
     bad = _poison_teacher(teacher, tmp_path / "bad_teacher")

@@ -75,6 +75,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # CI time; test_run_safety's SIGTERM test resumes to the same losses in CI
 def test_resume_reproduces_uninterrupted_losses(pair, tmp_path):
     root, teacher, student = pair
     cfg = tmp_path / "empty.yaml"

@@ -23,6 +23,7 @@ def test_generator_is_deterministic_and_seeded():
         generate_problems(3, seed=0, min_digits=4, max_digits=2)
 
 
+@pytest.mark.slow  # ~10 s of problem generation
 def test_heldout_disjoint_from_train():
     held = {p.problem for p in split_problems("heldout", 200)}
     assert len(held) == 200
