@@ -27,3 +27,9 @@ def tokenizer(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(TOY / "models" / "tokenizer")
     tok.save_pretrained(tmp_path_factory.mktemp("tok"))  # a private copy tests may write next to
     return tok
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slurm tests first (stable sort): their jobs then run beside the other files instead of
+    forming the tail of a 2-worker run (CI time)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1)
