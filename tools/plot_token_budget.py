@@ -24,6 +24,29 @@ PAPER_QWEN3_PEAK_GB = {1.0: 72.0, 0.5: 38.1, 0.2: 35.5, 0.1: 35.3}
 PHASE_COLORS = {"rollout": "tab:green", "scoring": "tab:blue", "gradient": "tab:red", "optimizer": "tab:purple"}
 
 
+def _labels(ax, *, ylabel: str, title: str) -> None:
+    ax.set_xlabel("keep ratio ρ")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+
+
+def _memory_axis(ax, x: list[float], *, ylabel: str, title: str) -> None:
+    """Log-scaled ρ axis with a tick per measured ρ, memory from 0."""
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.set_ylim(bottom=0)
+    _labels(ax, ylabel=ylabel, title=title)
+
+
+def _stacked_bars(ax, x: list[float], series: list[tuple[str, list[float], object]]) -> None:
+    """One bar per ρ, stacked from (label, values, color or None) in order."""
+    bottom = [0.0] * len(x)
+    for key, vals, color in series:
+        ax.bar([f"{v:g}" for v in x], vals, bottom=bottom, color=color, label=key)
+        bottom = [u + v for u, v in zip(bottom, vals)]
+
+
 def plot_measured(r: dict, out: Path) -> Path:
     rows = sorted([x for x in r["measured"] if x.get("fused", True)], key=lambda x: -x["rho"])
     off = sorted([x for x in r["measured"] if not x.get("fused", True)], key=lambda x: -x["rho"])
@@ -43,27 +66,17 @@ def plot_measured(r: dict, out: Path) -> Path:
                label="whole step, unfused output layer")
         a.plot(xo, [(row["resident"] + row["phase_peaks"].get("gradient", 0)) / mib for row in off], marker="o",
                color="tab:red", ls="--", lw=1, label="gradient phase, unfused")
-    a.set_xscale("log")
-    a.set_xticks(x, [f"{v:g}" for v in x])
-    a.set_xlabel("keep ratio ρ")
-    a.set_ylabel("peak live tensors (MiB)")
-    a.set_ylim(bottom=0)
-    a.legend(fontsize=8)
-    a.set_title("memory (measured, CPU; fused output layer unless dashed)")
-    bottom = [0.0] * len(rows)
-    for key, color in (("rollout", "tab:green"), ("scoring", "tab:blue"), ("selection", "tab:gray"),
-                       ("gradient", "tab:red"), ("optimizer", "tab:purple")):
-        vals = [row["cpu_s"].get(key, 0.0) for row in rows]
-        b.bar([f"{v:g}" for v in x], vals, bottom=bottom, color=color, label=key)
-        bottom = [u + v for u, v in zip(bottom, vals)]
+    _memory_axis(a, x, ylabel="peak live tensors (MiB)",
+                 title="memory (measured, CPU; fused output layer unless dashed)")
+    _stacked_bars(b, x, [(key, [row["cpu_s"].get(key, 0.0) for row in rows], color)
+                         for key, color in (("rollout", "tab:green"), ("scoring", "tab:blue"),
+                                            ("selection", "tab:gray"), ("gradient", "tab:red"),
+                                            ("optimizer", "tab:purple"))])
     if off:
         labels = [f"{v:g}" for v in x]
         b.plot([labels[x.index(row["rho"])] for row in off if row["rho"] in x], [row["cpu_s"]["step"] for row in off
                if row["rho"] in x], ls="none", marker="_", ms=30, mew=2, color="k", label="step, unfused")
-    b.set_xlabel("keep ratio ρ")
-    b.set_ylabel("CPU seconds per step")
-    b.legend(fontsize=8)
-    b.set_title("time (measured, CPU, 1 thread; fused output layer)")
+    _labels(b, ylabel="CPU seconds per step", title="time (measured, CPU, 1 thread; fused output layer)")
     s, t = r["student"], r["teacher"]
     sh = rows[0]["shapes"]
     fig.suptitle(f"Whole TIP step vs ρ: Qwen3-shaped student h{s['hidden']} L{s['layers']} / teacher "
@@ -91,22 +104,9 @@ def plot_projection(r: dict, out: Path) -> Path:
                color="tab:red", ls="--", lw=1, label="gradient phase, unfused output layer")
     a.plot(list(PAPER_QWEN3_PEAK_GB), [v * 1e9 / gib for v in PAPER_QWEN3_PEAK_GB.values()], ls="--",
            marker="D", color="tab:orange", label="paper, end to end (8 x H200, its code)")
-    a.set_xscale("log")
-    a.set_xticks(x, [f"{v:g}" for v in x])
-    a.set_xlabel("keep ratio ρ")
-    a.set_ylabel("per-GPU memory (GiB)")
-    a.set_ylim(bottom=0)
-    a.legend(fontsize=8)
-    a.set_title("memory (planner)")
-    bottom = [0.0] * len(rows)
-    for key in rows[0]["time_s"]:
-        vals = [row["time_s"][key] for row in rows]
-        b.bar([f"{v:g}" for v in x], vals, bottom=bottom, label=key)
-        bottom = [u + v for u, v in zip(bottom, vals)]
-    b.set_xlabel("keep ratio ρ")
-    b.set_ylabel("estimated seconds per step")
-    b.legend(fontsize=8)
-    b.set_title("time (planner)")
+    _memory_axis(a, x, ylabel="per-GPU memory (GiB)", title="memory (planner)")
+    _stacked_bars(b, x, [(key, [row["time_s"][key] for row in rows], None) for key in rows[0]["time_s"]])
+    _labels(b, ylabel="estimated seconds per step", title="time (planner)")
     fig.suptitle("Qwen3-8B -> Qwen3-4B, 8 x H100 80 GB, proposed memory settings (planner projection)", fontsize=10)
     fig.tight_layout()
     path = out / "token_budget_qwen3_8b_4b_h100.png"
