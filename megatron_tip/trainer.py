@@ -181,7 +181,7 @@ class Trainer:
                 ws = output_weight(p.student)
                 # Float16Module hands back fp32; the round trip to the weight's dtype is exact.
                 return kept_linear_reverse_kl_loss(out[0].to(ws.dtype), ws, t_hidden,
-                                                   output_weight(p.teacher).detach(), **kw)
+                                                   output_weight(p.teacher), **kw)
             with torch.no_grad():
                 t_logits = output_logits(p.teacher, t_hidden)
             return kept_reverse_kl_loss(out[0], t_logits, **kw)

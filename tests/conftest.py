@@ -20,13 +20,11 @@ sys.path.insert(0, str(TOY))  # the toy task's modules (task.py, train_models.py
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer():
     """The toy task's shipped tokenizer (examples/toy/models/tokenizer; loads under transformers 4 and 5)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(TOY / "models" / "tokenizer")
-    tok.save_pretrained(tmp_path_factory.mktemp("tok"))  # a private copy tests may write next to
-    return tok
+    return AutoTokenizer.from_pretrained(TOY / "models" / "tokenizer")
 
 
 def pytest_collection_modifyitems(config, items):

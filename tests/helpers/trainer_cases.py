@@ -11,14 +11,18 @@ PROMPTS = REPO / "examples" / "toy" / "data" / "train.jsonl"
 TEMPLATE = "{problem}="
 
 
-def make_pair(root: Path, *, tie_student: bool = True) -> tuple[Path, Path]:
-    """Random teacher (untied, 2 layers) and student (tied unless told, smaller) sharing the toy tokenizer."""
+def make_student(root: Path, *, tie: bool = True) -> Path:
+    """The pair's random student (smaller than the teacher); tied output layer unless told."""
+    return make_tiny_hf_model(root / ("student" if tie else "student_untied"), tokenizer_dir=TOKENIZER,
+                              family="llama", hidden=32, layers=2, heads=2, kv_heads=2, ffn=64, seed=2, tie=tie,
+                              prompt_template=TEMPLATE)
+
+
+def make_pair(root: Path) -> tuple[Path, Path]:
+    """Random teacher (untied, 2 layers) and student (tied, smaller) sharing the toy tokenizer."""
     t = make_tiny_hf_model(root / "teacher", tokenizer_dir=TOKENIZER, family="qwen3", hidden=64,
                            layers=2, heads=4, kv_heads=2, ffn=128, seed=1, prompt_template=TEMPLATE)
-    s = make_tiny_hf_model(root / ("student" if tie_student else "student_untied"), tokenizer_dir=TOKENIZER,
-                           family="llama", hidden=32, layers=2, heads=2, kv_heads=2, ffn=64, seed=2,
-                           tie=tie_student, prompt_template=TEMPLATE)
-    return t, s
+    return t, make_student(root)
 
 
 def overrides(root: Path, teacher: Path, student: Path, **extra) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_tip.launch import run_distributed
-from tests.helpers.trainer_cases import make_pair, overrides
+from tests.helpers.trainer_cases import make_pair, make_student, overrides
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,7 +98,7 @@ def _reference(teacher, student, mask, weights, vocab):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return (root,) + make_pair(root) + (make_pair(root, tie_student=False)[1],)
+    return (root,) + make_pair(root) + (make_student(root, tie=False),)
 
 
 @pytest.mark.parametrize("tp,world,selection", [
