@@ -70,7 +70,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
-def _chunk_grad(zs, zt, saved, kl, g, *, k, impl, out):
+def _chunk_grad(zs, zt, saved, kl, g, *, k, impl, out, v_local):
     """dL/dz_S of one chunk into ``out`` [rows, v]; returns its first k rows.
 
     ``saved`` [4, k], ``kl``, ``g`` [k]; the compiled kernel runs on all ``rows`` rows (the
@@ -78,7 +78,7 @@ def _chunk_grad(zs, zt, saved, kl, g, *, k, impl, out):
     """
     if impl == "eager":
         _eager_grad_into(out[:k], zs, zt, saved, kl, g, v_valid=zs.shape[1],
-                         rows=_default_chunk(zs.shape[1], saved.element_size()))
+                         rows=_default_chunk(v_local, saved.element_size()))
         return out[:k]
     rows = zs.shape[0]
     c = saved[1] - saved[3] + kl
@@ -113,13 +113,16 @@ class _LinearReverseKL(torch.autograd.Function):
         if need_gw:
             acc_dt = ws.dtype if ws.dtype in (torch.float32, torch.float64) else torch.float32
             gw_acc = torch.zeros(v_local, ws.shape[1], dtype=acc_dt, device=ws.device)
+        inner_rows = _default_chunk(v_local, torch.finfo(dt).bits // 8)
         one = torch.ones(rows, dtype=dt, device=hs.device)
         gl_buf = hs.new_empty(rows, v_valid, dtype=ws.dtype) if need_gh or need_gw else None
         for r0, k, zs, zt in _chunks(hs, ws, ht, wt, v_valid=v_valid, rows=rows, impl=impl):
             if impl == "eager":
+                # Inner chunks from the shard width, not v_valid: every rank must run as many
+                # chunks (each chunk is one MAX and one SUM all-reduce) even when its shard is
+                # mostly or wholly vocab padding.
                 mx, sums = _eager_sums(zs, zt, v_valid=v_valid, lo_id=rank * v_local, world=world,
-                                       tp_group=tp_group, rows=min(k, _default_chunk(v_valid, 4)),
-                                       target_ids=None, full=False)
+                                       tp_group=tp_group, rows=min(k, inner_rows), target_ids=None, full=False)
             else:
                 mx, sums = _compiled.reduce_chunk(zs, zt, world=world, tp_group=tp_group, full=False)
                 mx, sums = mx[:, :k], sums[:, :k]
@@ -128,7 +131,7 @@ class _LinearReverseKL(torch.autograd.Function):
             saved[:, r0:r0 + k] = torch.stack([mx[0], lzs, mx[1], lzt])
             if (need_gh or need_gw) and v_valid > 0:
                 gl = _chunk_grad(zs, zt, saved[:, r0:r0 + k], kl[r0:r0 + k], one[:k], k=k, impl=impl,
-                                 out=gl_buf)
+                                 out=gl_buf, v_local=v_local)
                 _accumulate(gl, r0, k, hs, ws[:v_valid], gh, gw_acc)
         if gh is not None and v_valid == 0:
             gh.zero_()
@@ -163,7 +166,8 @@ class _LinearReverseKL(torch.autograd.Function):
                 gl_buf = hs.new_empty(rows, v_valid, dtype=ws.dtype)
                 for r0, k, zs, zt in _chunks(hs, ws, ht, wt, v_valid=v_valid, rows=rows, impl=impl):
                     sl = slice(r0, r0 + k)
-                    gl = _chunk_grad(zs, zt, saved[:, sl], kl[sl], g[sl], k=k, impl=impl, out=gl_buf)
+                    gl = _chunk_grad(zs, zt, saved[:, sl], kl[sl], g[sl], k=k, impl=impl, out=gl_buf,
+                                     v_local=ws.shape[0])
                     _accumulate(gl, r0, k, hs, ws[:v_valid], gh, gw_acc)
             gw = gw_acc if gw_acc is None or gw_acc.dtype == ws.dtype else gw_acc.to(ws.dtype)
         if gh is not None and world > 1:

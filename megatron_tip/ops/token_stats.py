@@ -140,6 +140,9 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, world: int,
 
 
 def _default_chunk(v_local: int, elem_bytes: int) -> int:
+    """Default tokens per chunk. ``v_local`` is the (padded) shard width, equal on every rank: the
+    chunk count decides how many all-reduces a rank issues, so it must not depend on the rank's
+    number of valid columns (a short or empty last shard would issue fewer and hang the group)."""
     return max(1, _CHUNK_BYTES // max(1, v_local * elem_bytes))
 
 
