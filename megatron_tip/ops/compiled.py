@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from typing import Callable, Optional
@@ -48,6 +49,31 @@ SHIFT_LIMIT = 40.0
 # (kernel name, shapes, dtypes, device) -> seconds of the first call (compile + one run).
 COMPILE_LOG: dict[tuple, float] = {}
 _state = {"broken": None}  # first compile error message, once one happened
+
+
+def _drop_inherited_compile_pool() -> None:
+    """After ``fork``, in the child: forget inductor's C++-compile thread pool inherited from the parent.
+
+    Inductor compiles CPU kernels on a memoized ``ThreadPoolExecutor`` (``AsyncCompile.pool``) when
+    ``compile_threads > 1``. A forked child inherits the executor object but none of its threads,
+    and its idle-thread count says no new thread is needed, so the child's first C++ compile
+    waits forever (torch resets only its process pools at fork). A rank forked by
+    ``megatron_tip.launch`` after its parent compiled a kernel hung exactly so (issue #25).
+    """
+    ac = sys.modules.get("torch._inductor.async_compile")
+    if ac is None:  # inductor never loaded in the parent: nothing inherited
+        return
+    pool = getattr(getattr(ac, "AsyncCompile", None), "pool", None)
+    if hasattr(pool, "cache_clear"):
+        pool.cache_clear()  # the child builds its own pool on its first compile
+    else:  # a torch without that memoized pool: compile in-process, which needs no pool at all
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_compile_pool)
 
 
 def resolve_impl(impl: str, *, v_local: int, device: torch.device) -> str:
