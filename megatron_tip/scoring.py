@@ -26,7 +26,11 @@ class ScoringConfig:
     """The ``scoring`` config section: how token statistics are computed."""
 
     score_chunk_tokens: int = 512  # scoring pass: logits rows materialized at a time
-    stats_chunk_size: Optional[int] = None  # token chunk inside the vocab-parallel ops (None: auto)
+    # Tokens per chunk inside the ops (None: from a byte budget and the V/TP shard width; docs/ops.md):
+    # the stats op (scoring pass; unfused gradient pass): fp32 work buffers, default 16 MiB each;
+    stats_chunk_size: Optional[int] = None
+    # the fused output-layer op (fused gradient pass): [rows, V/TP] logits chunks, default 256 MiB.
+    fused_chunk_size: Optional[int] = None
     vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
     # Chunk kernels: auto (compiled for vocab shards >= 4096 columns, else eager; the environment
     # variable MEGATRON_TIP_OPS_IMPL overrides auto), eager, compiled (docs/ops.md).
@@ -39,6 +43,7 @@ class ScoringConfig:
         one_of("ops_impl", self.ops_impl, IMPLS)
         at_least("score_chunk_tokens", self.score_chunk_tokens, 1)
         at_least("stats_chunk_size", self.stats_chunk_size, 1, optional=True)
+        at_least("fused_chunk_size", self.fused_chunk_size, 1, optional=True)
         at_least("vocab_size", self.vocab_size, 1, optional=True)
 
 

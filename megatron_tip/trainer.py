@@ -175,8 +175,8 @@ class Trainer:
             b_idx, s_idx = index_of[i]
             t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
             w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
-            kw = dict(tp_group=ctx.tp_group, vocab_size=p.vocab_size, chunk_size=sc.stats_chunk_size,
-                      weights=w, impl=sc.ops_impl)
+            kw = dict(tp_group=ctx.tp_group, vocab_size=p.vocab_size, weights=w, impl=sc.ops_impl,
+                      chunk_size=sc.fused_chunk_size if fused else sc.stats_chunk_size)
             if fused:
                 ws = output_weight(p.student)
                 # Float16Module hands back fp32; the round trip to the weight's dtype is exact.

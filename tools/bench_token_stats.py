@@ -259,7 +259,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, a.dtype)
     esz = torch.finfo(dtype).bits // 8
     print(f"dtype={a.dtype} repeats={a.repeats} threads/rank=1 "
-          f"chunk budget={_ts._CHUNK_BYTES >> 20} MiB per fp32 work buffer; {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"chunk budget={_ts.STATS_CHUNK_BYTES >> 20} MiB per fp32 work buffer; {time.strftime('%Y-%m-%d %H:%M')}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     tables = a.tables.split(",")
     if "impl" in tables:

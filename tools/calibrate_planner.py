@@ -35,7 +35,7 @@ CASES = [
     Case("pp2-rho0.5", pp=2, keep_ratio=0.5),
     Case("tp2pp2-rho0.2", tp=2, pp=2, keep_ratio=0.2),
     Case("tp2pp2-rho0.2-unfused", tp=2, pp=2, keep_ratio=0.2, fused_output_layer=False),
-    Case("llama-qwen2-tp2-rho0.2", tp=2, keep_ratio=0.2, stats_chunk_size=64,
+    Case("llama-qwen2-tp2-rho0.2", tp=2, keep_ratio=0.2, stats_chunk_size=64, fused_chunk_size=64,
          student=dict(family="llama", hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, tie=True),
          teacher=dict(family="qwen2", hidden=128, layers=2, heads=8, kv_heads=2, ffn=256, tie=False)),
     Case("deep-tied-rho1", keep_ratio=1.0, **DEEP_SHAPES),

@@ -45,7 +45,7 @@ def report(name: str, *, proposed: bool = False, extra: list[str] = (), json_out
 # (label, overrides) rows of the variants table, per config (the proposal is added where there is one)
 VARIANTS = [("**as configured**", []),
             ("without distributed optimizer, stats chunk 2048",
-             ["optim.distributed_optimizer=false", "scoring.stats_chunk_size=2048"]),
+             ["optim.distributed_optimizer=false", "scoring.stats_chunk_size=2048", "scoring.fused_chunk_size=2048"]),
             ("unfused gradient-pass output layer", ["scoring.fused_output_layer=false"]),
             ("vLLM sleep level 0", ["rollout.vllm_sleep_level=0"]),
             ("rollout.engine=megatron", ["rollout.engine=megatron"])]

@@ -38,11 +38,11 @@ from megatron_tip.ops.token_stats import (
 # whole [V_local, H] shard per chunk, so short chunks re-stream it. Measured fwd+bwd, N=880,
 # H=1024, TP=1, CPU, best of 2 interleaved (docs/ops.md): unfused + compiled 23.0 s, fused
 # 29.3 s at 110 rows, 24.5 s at 440 rows; extra memory stays flat in N (+0.6 GiB).
-_FUSED_CHUNK_BYTES = 256 * 2**20
+FUSED_CHUNK_BYTES = 256 * 2**20
 
 
 def _chunk_rows(n: int, v_local: int, chunk_size: Optional[int]) -> int:
-    rows = chunk_size or max(1, _FUSED_CHUNK_BYTES // max(1, 4 * v_local))
+    rows = chunk_size or max(1, FUSED_CHUNK_BYTES // max(1, 4 * v_local))
     return _compiled.row_bucket(max(1, min(n, rows)), rows)
 
 
@@ -217,7 +217,9 @@ def vocab_parallel_linear_reverse_kl(
         teacher_hidden, teacher_weight_shard: ``[N, H_T]``, ``[V_local, H_T]``; constants.
         tp_group: tensor-parallel group; ``None`` = one process holding the whole vocabulary.
         vocab_size: true vocabulary; weight rows at or beyond it (padding) are excluded.
-        chunk_size: tokens per chunk (default: a ~256 MiB fp32 ``[rows, V_local]`` buffer).
+        chunk_size: tokens per logits chunk (config key ``scoring.fused_chunk_size``; default: a
+            :data:`FUSED_CHUNK_BYTES` = 256 MiB fp32 ``[rows, V_local]`` buffer). The eager path
+            splits each chunk further into the stats op's default chunks (16 MiB work buffers).
         impl: ``"auto" | "eager" | "compiled"``, as in :func:`vocab_parallel_token_stats`.
 
     Returns ``[N]`` (fp64 if any input is fp64). Backward gives exact gradients for

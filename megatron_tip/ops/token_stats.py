@@ -37,7 +37,7 @@ from megatron_tip.ops.compiled import compute_dtype as _compute_dtype
 # Target size of one fp32 work buffer [chunk, V_local]; the forward holds five of them.
 # Buffers are allocated once per call and reused by every chunk, which avoids re-faulting
 # fresh pages for each chunk (that, not arithmetic, dominated on CPU at 64 MiB chunks).
-_CHUNK_BYTES = 16 * 2**20
+STATS_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _default_chunk(v_local: int, elem_bytes: int) -> int:
     """Default tokens per chunk. ``v_local`` is the (padded) shard width, equal on every rank: the
     chunk count decides how many all-reduces a rank issues, so it must not depend on the rank's
     number of valid columns (a short or empty last shard would issue fewer and hang the group)."""
-    return max(1, _CHUNK_BYTES // max(1, v_local * elem_bytes))
+    return max(1, STATS_CHUNK_BYTES // max(1, v_local * elem_bytes))
 
 
 def _v_valid(v_local: int, vocab_size: int, rank: int) -> int:
@@ -304,7 +304,8 @@ def vocab_parallel_token_stats(
         tp_group: tensor-parallel group; ``None`` = one process with the full vocabulary.
         vocab_size: true vocabulary; columns at or beyond it (padding) are excluded.
             Defaults to the total shard width.
-        chunk_size: tokens per chunk (default: about 16 MiB of fp32 per work buffer).
+        chunk_size: tokens per chunk (config key ``scoring.stats_chunk_size``; default: about
+            :data:`STATS_CHUNK_BYTES` = 16 MiB of fp32 per work buffer, from the shard width).
         target_ids: ``[...]`` int64 global token ids; adds ``target_logprob`` = log p_S(id).
         impl: ``"eager"`` (chunked PyTorch ops), ``"compiled"`` (fused ``torch.compile`` kernel,
             see :mod:`megatron_tip.ops.compiled`) or ``"auto"`` (``$MEGATRON_TIP_OPS_IMPL``, else

@@ -87,7 +87,7 @@ class Workload:
     micro_batch: int
     keep_ratio: float  # fraction of response positions in the gradient pass
     score_chunk_tokens: int
-    stats_chunk_size: Optional[int]
+    stats_chunk_size: Optional[int]  # scoring.stats_chunk_size (stats op)
     shared_vocab: int  # true vocabulary both models are compared on
     rollout_engine: str = "megatron"
     rollout_micro_batch: int = 8
@@ -95,6 +95,7 @@ class Workload:
     policy: str = "topk"  # selection policy ("quadrants": the kept share is data-dependent)
     fused_output_layer: bool = True  # scoring.fused_output_layer: output layer fused into the reverse KL
     ops_impl: str = "auto"  # scoring.ops_impl: auto | eager | compiled (the ops' chunk kernels)
+    fused_chunk_size: Optional[int] = None  # scoring.fused_chunk_size (fused output-layer op)
 
     @property
     def num_microbatches(self) -> int:
@@ -257,6 +258,7 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         policy=sel.policy,
         fused_output_layer=bool(_get(cfg, "scoring.fused_output_layer", default=True)),
         ops_impl=str(_get(cfg, "scoring.ops_impl", default="auto")),
+        fused_chunk_size=cfg.scoring.fused_chunk_size,
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
                       teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),

@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_tip.models.spec import ModelSpec
+from megatron_tip.ops.fused_linear_rkl import FUSED_CHUNK_BYTES  # one [rows, V/TP] fp32 logits chunk
+from megatron_tip.ops.token_stats import STATS_CHUNK_BYTES as OPS_CHUNK_BYTES  # fp32 work buffer per chunk
 from megatron_tip.plan.activations import attention_score_buffer_bytes, layer_bytes, stage_activation_bytes
 from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
 
 GiB = 2**30
-OPS_CHUNK_BYTES = 16 * 2**20  # megatron_tip.ops: default fp32 work-buffer size per chunk
-FUSED_CHUNK_BYTES = 256 * 2**20  # megatron_tip.ops.fused_linear_rkl._FUSED_CHUNK_BYTES: one [rows, V/TP] fp32 logits chunk
 AUTO_MIN_VOCAB = 4096  # megatron_tip.ops.compiled.AUTO_MIN_VOCAB: "auto" compiles from this shard width
 PHASES = ("rollout", "scoring", "gradient", "optimizer")
 
@@ -177,11 +177,11 @@ def fused_loss_bytes(inp: PlanInputs, n: int) -> dict[str, int]:
     v_local = inp.padded_vocab // lay.tp
     v_valid = min(v_local, w.shared_vocab)
     h = s.hidden_size
-    rows = w.stats_chunk_size or max(1, FUSED_CHUNK_BYTES // (4 * v_local))
+    rows = w.fused_chunk_size or max(1, FUSED_CHUNK_BYTES // (4 * v_local))
     rows = _row_bucket(max(1, min(n, rows)), rows)
     impl = ops_impl(inp)
     if impl == "eager":  # on the chunk's real rows (the buffers have the bucket's)
-        work = 5 * min(rows, n, max(1, OPS_CHUNK_BYTES // (v_valid * 4))) * v_valid * 4
+        work = 5 * min(rows, n, max(1, OPS_CHUNK_BYTES // (v_local * 4))) * v_valid * 4  # as the op: from V/TP
     else:
         work = 6 * rows * v_valid * 4 if inp.runtime.traced_kernels else 0
     acc = v_local * h * 4

@@ -41,6 +41,7 @@ class Case:
     micro_batch: int = 2
     score_chunk_tokens: int = 128
     stats_chunk_size: Optional[int] = None
+    fused_chunk_size: Optional[int] = None
     fused_output_layer: bool = True  # scoring.fused_output_layer (the trainer's default)
     # scoring.ops_impl. PeakMemory cannot see inside torch.compile kernels (compile refuses a
     # dispatch mode, so their bodies run as plain ops there): calibrate the eager path.
@@ -85,7 +86,8 @@ def overrides(case: Case, root: Path) -> list[str]:
             f"run.out_dir={root / 'run'}", "train.steps=2", "optim.lr=1e-4", *policy,
             f"scoring.fused_output_layer={str(case.fused_output_layer).lower()}",
             f"scoring.ops_impl={case.ops_impl}"] + (
-            [f"scoring.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else [])
+            [f"scoring.stats_chunk_size={case.stats_chunk_size}"] if case.stats_chunk_size else []) + (
+            [f"scoring.fused_chunk_size={case.fused_chunk_size}"] if case.fused_chunk_size else [])
 
 
 def _packed(case: Case, pad_id: int):
@@ -143,7 +145,7 @@ def predict(case: Case, root: Path):
                  response_len=case.response_len, micro_batch=case.micro_batch, keep_ratio=case.keep_ratio,
                  score_chunk_tokens=case.score_chunk_tokens, stats_chunk_size=case.stats_chunk_size,
                  shared_vocab=case.vocab, rollout_engine="none", fused_output_layer=case.fused_output_layer,
-                 ops_impl=case.ops_impl)
+                 ops_impl=case.ops_impl, fused_chunk_size=case.fused_chunk_size)
     inp = PlanInputs(student=read_spec(str(root / "student")), teacher=read_spec(str(root / "teacher")),
                      student_dtype="float32", teacher_dtype="float32", layout=Layout(tp=case.tp, pp=case.pp, dp=1),
                      settings=Settings(), workload=w, runtime=TRACED_CPU_RUNTIME)

@@ -2,7 +2,7 @@
 
 Every rank of a group must issue the same collectives, so chunking may depend only on values equal
 on all ranks (the padded shard width, the token count), never on a rank's count of valid columns.
-The ranks shrink the ops' chunk budget (``token_stats._CHUNK_BYTES``) to a few rows so that the
+The ranks shrink the ops' chunk budget (``token_stats.STATS_CHUNK_BYTES``) to a few rows so that the
 default inner chunking really splits these small inputs; each rank records its all-reduces, and
 the values and gradients are checked against float64 references on the gathered logits, for the
 stats op and the fused output-layer op, eager and compiled path. CI runs the compiled path's chunk
@@ -32,7 +32,7 @@ FUSED_CASES = ((torch.float64, False, 1e-12), (torch.float64, True, 1e-12), (tor
 def _rank(rank, world, impl, uncompiled):
     import megatron_tip.ops.token_stats as ts
 
-    ts._CHUNK_BYTES = CHUNK_BYTES  # a forked rank: the change dies with it
+    ts.STATS_CHUNK_BYTES = CHUNK_BYTES  # a forked rank: the change dies with it
     calls, orig = [], dist.all_reduce
 
     def recording(t, op=dist.ReduceOp.SUM, group=None, async_op=False):

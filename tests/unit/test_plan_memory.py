@@ -14,7 +14,7 @@ QWEN4B, QWEN8B = SHAPES["qwen3-4b"].spec(), SHAPES["qwen3-8b"].spec()
 def _inputs(keep=0.5, engine="megatron", **settings):
     w = Workload(rollouts=32, seq_len=10240, prompt_len=2048, response_len=8192, micro_batch=1, keep_ratio=keep,
                  score_chunk_tokens=512, stats_chunk_size=256, shared_vocab=151936, rollout_engine=engine,
-                 rollout_micro_batch=8, vllm_gpu_memory_utilization=0.5)
+                 rollout_micro_batch=8, vllm_gpu_memory_utilization=0.5, fused_chunk_size=256)
     return PlanInputs(student=QWEN4B, teacher=QWEN8B, student_dtype="bfloat16", teacher_dtype="bfloat16",
                       layout=Layout(tp=2, pp=1, dp=4), settings=Settings(**settings), workload=w,
                       device=DEVICES["h100-80gb"])
@@ -100,7 +100,7 @@ def test_fused_output_layer_is_flat_in_kept_tokens_and_unfused_grows():
     g = fused[1.0][0]
     v_local, h = 152064 // 2, QWEN4B.hidden_size
     assert g["output-weight gradient (fp32 accumulator)"] == v_local * h * 4
-    # stats_chunk_size=256 rows: z_S, z_T, dKL/dz_S chunks (bf16) + one [v, H] bf16 product (TP rank 0:
+    # fused_chunk_size=256 rows: z_S, z_T, dKL/dz_S chunks (bf16) + one [v, H] bf16 product (TP rank 0:
     # every column of its shard is a real token)
     assert g["logits chunks + kernel work (fused)"] == 3 * 256 * v_local * 2 + v_local * h * 2
     n = 8192  # kept positions of one micro-batch at rho = 1
@@ -110,6 +110,23 @@ def test_fused_output_layer_is_flat_in_kept_tokens_and_unfused_grows():
     assert unfused[1.0] - unfused[0.2] >= 0.8 * n * v_local * 4
     assert fused[1.0][1] - fused[0.2][1] < unfused[1.0] - unfused[0.2]
     assert fused[1.0][1] < unfused[1.0]
+
+
+def test_fused_chunk_follows_its_own_knob_and_the_ops_default():
+    """scoring.fused_chunk_size sizes the fused op's logits chunks; stats_chunk_size does not (#24)."""
+    from megatron_tip.ops.fused_linear_rkl import FUSED_CHUNK_BYTES
+    from megatron_tip.plan.memory import fused_loss_bytes
+
+    v_local, h = 152064 // 2, QWEN4B.hidden_size
+    key = "logits chunks + kernel work (fused)"
+
+    def chunks(**w):
+        return fused_loss_bytes(_inputs().with_(**w), 8192)[key] - v_local * h * 2  # minus the [v, H] product
+
+    assert chunks(fused_chunk_size=64) == 3 * 64 * v_local * 2
+    assert chunks(fused_chunk_size=64, stats_chunk_size=2048) == chunks(fused_chunk_size=64)
+    default_rows = FUSED_CHUNK_BYTES // (4 * v_local)  # 882 rows of 76,032 fp32 columns: 256 MiB
+    assert chunks(fused_chunk_size=None) == 3 * default_rows * v_local * 2
 
 
 def test_ops_impl_auto_compiles_wide_vocab_shards_and_drops_the_eager_buffers():
