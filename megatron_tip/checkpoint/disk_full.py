@@ -90,7 +90,7 @@ def disk_full_message(path: str, *, out_dir: str | os.PathLike, need: int, free:
                       last: Optional[tuple[Path, dict]]) -> str:
     """The one line for a save stopped by a full disk at ``path`` (``last``: newest complete checkpoint)."""
     what = f"the size of step {last[1]['step']}" if last else "the weights alone"
-    have = f", {free / 2**20:.1f} MiB free there" if free is not None else ""
+    have = f", {_human(free)} free there" if free is not None else ""
     after = (f"the last complete checkpoint is step {last[1]['step']} ({last[0]}), intact" if last
              else "no complete checkpoint was written yet")
     return (f"checkpoint save failed: No space left on device writing {path} (a checkpoint needs about "
