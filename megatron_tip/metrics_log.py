@@ -31,16 +31,29 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def rewind_metrics(path: Path, start_step: int) -> None:
-    """Keep only the lines of steps before ``start_step`` (a resumed run redoes the later ones)."""
+    """Keep only the lines of steps before ``start_step`` (a resumed run redoes the later ones).
+
+    Lines that are not a JSON object with a step (a write cut by a crash, bytes appended by
+    something else) are dropped with one warning naming the file: the log is append-only, so what
+    a crash can damage is its tail, and the steps it held are redone.
+    """
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept, dropped = [], 0
+    for raw in path.read_bytes().splitlines():
         try:
-            if int(json.loads(line).get("step", -1)) < start_step:
-                kept.append(line)
-        except (ValueError, AttributeError):  # a line cut by a crash mid-write
+            record = json.loads(raw.decode("utf-8"))
+            step = int(record.get("step", -1)) if isinstance(record, dict) else None
+            if step is None:
+                raise TypeError("not a JSON object")
+        except (UnicodeDecodeError, ValueError, TypeError, RecursionError):
+            dropped += bool(raw.strip())
             continue
+        if step < start_step:
+            kept.append(raw.decode("utf-8"))
+    if dropped:
+        print(f"warning: {path}: dropped {dropped} unreadable line(s) (a torn or damaged tail); "
+              f"the steps they held are redone", flush=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     tmp.replace(path)

@@ -55,15 +55,39 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / HF_CONFIG).is_file()
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding an object; ValueError naming the file when it is not valid JSON or not an object."""
+    p = Path(path)
+    try:
+        value = json.loads(p.read_bytes())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.start}); restore the file or remove it") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+                         f"restore the file or remove it") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{p}: expected a JSON object ({{...}}), got {type(value).__name__}")
+    return value
+
+
 def read_spec(path: str | os.PathLike) -> ModelSpec:
-    """ModelSpec of an HF dir (its config.json) or of a megatron checkpoint dir (model_spec.json)."""
+    """ModelSpec of an HF dir (its config.json) or of a megatron checkpoint dir (model_spec.json).
+
+    ValueError naming the file when it is not a JSON object.
+    """
     from megatron_tip.models.hf.families import spec_from_hf_config
 
     p = Path(path)
     if is_hf_dir(p):
-        return spec_from_hf_config(json.loads((p / HF_CONFIG).read_text()))
+        return spec_from_hf_config(read_json_object(p / HF_CONFIG))
     if (p / SPEC_FILE).is_file():
-        return ModelSpec.load(p / SPEC_FILE)
+        data = read_json_object(p / SPEC_FILE)
+        try:
+            return ModelSpec.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p / SPEC_FILE}: {e}") from None
     raise FileNotFoundError(f"{str(path)!r} is neither an HF checkpoint ({HF_CONFIG}) nor a megatron "
                             f"checkpoint ({SPEC_FILE})")
 
@@ -73,7 +97,7 @@ def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> tuple[ModelSpec, dict[s
     p = Path(ckpt_dir)
     if not is_megatron_checkpoint(p):
         raise FileNotFoundError(f"{str(p)!r} is not a megatron checkpoint ({SPEC_FILE} / {META_FILE} missing)")
-    return read_spec(p), json.loads((p / META_FILE).read_text())
+    return read_spec(p), read_json_object(p / META_FILE)
 
 
 def tokenizer_dir(path: str | os.PathLike) -> str:

@@ -19,6 +19,7 @@ from megatron_tip.checkpoint.layout import (
     FORMAT, HF_DIR, META_FILE, MODEL_DIR, SPEC_FILE, check_output_dir, commit_dir, copy_hf_aux_files,
     is_hf_dir, read_checkpoint_info, temp_dir_for,
 )
+from megatron_tip.checkpoint.manifest import verify_checkpoint, write_manifest
 from megatron_tip.checkpoint.safe_load import verify_dist_checkpoint
 from megatron_tip.models.spec import ModelSpec
 
@@ -60,6 +61,7 @@ def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
                     "vocab_size": spec.vocab_size, "source": source or (str(hf_dir) if hf_dir else None)}
             meta.update(extra_metadata or {})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            write_manifest(tmp)  # last: what the complete checkpoint holds (checkpoint.manifest)
             commit_dir(tmp, ckpt_dir)
     except BaseException:
         if _rank() == 0:
@@ -95,15 +97,26 @@ def _vocab_fixups(sharded: dict, ckpt_model_dir: str) -> dict[str, Any]:
     return fixups
 
 
+def check_integrity(ckpt_dir: str | os.PathLike, *, collective: bool = True) -> None:
+    """Verify a checkpoint against its manifest (CorruptCheckpointError naming the file); an older
+    checkpoint without one is accepted with a warning (printed by rank 0)."""
+    if not verify_checkpoint(ckpt_dir, collective=collective) and _rank() == 0:
+        print(f"warning: {ckpt_dir} has no manifest.json (written before integrity checks): "
+              f"its files are used unverified", flush=True)
+
+
 def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike, *,
-                             vocab_size: Optional[int] = None) -> dict[str, Any]:
+                             vocab_size: Optional[int] = None, verify: bool = True) -> dict[str, Any]:
     """Collective: load a checkpoint dir (saved at any TP/PP) into this rank's model.
 
+    ``verify``: check the files against the checkpoint's manifest first (False: the caller did).
     Returns the checkpoint's metadata.
     """
     from megatron.core import dist_checkpointing
 
     spec, meta = read_checkpoint_info(ckpt_dir)
+    if verify:
+        check_integrity(ckpt_dir)
     vocab = vocab_size or spec.vocab_size
     model_dir = str(Path(ckpt_dir) / MODEL_DIR)
     verify_dist_checkpoint(model_dir)  # megatron/torch read these pickles unrestricted

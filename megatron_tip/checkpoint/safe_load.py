@@ -86,13 +86,11 @@ def verify_dist_checkpoint(model_dir: str | os.PathLike) -> None:
         load_tensors(d / "common.pt")
     byte_keys = {k for k, v in getattr(meta, "state_dict_metadata", {}).items() if isinstance(v, BytesStorageMetadata)}
     for index, info in (getattr(meta, "storage_data", None) or {}).items():
+        target = _storage_path(d, info.relative_path, getattr(index, "fqn", None))
         if getattr(index, "fqn", None) not in byte_keys:
             continue
         if getattr(info, "transform_descriptors", None):
-            raise _refuse(d / info.relative_path, ValueError("transformed byte items are not supported"))
-        target = (d / info.relative_path).resolve()
-        if target.parent != d.resolve():
-            raise _refuse(d, ValueError(f"storage path {info.relative_path!r} leaves the directory"))
+            raise _refuse(target, ValueError("transformed byte items are not supported"))
         with open(target, "rb") as f:
             f.seek(int(info.offset))
             data = f.read(int(info.length))
@@ -100,3 +98,15 @@ def verify_dist_checkpoint(model_dir: str | os.PathLike) -> None:
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise _refuse(f"{target} (item {index.fqn})", e) from None
+
+
+def _storage_path(d: Path, rel: Any, fqn: Any) -> Path:
+    """Where torch's FileSystemReader reads an item (``d / rel``): refused unless ``rel`` names a
+    file of ``d`` itself. Checked on the path as written, so files that are links (the HF hub
+    cache layout: each file a link into ``../blobs``) load, while ``..`` or absolute paths do not."""
+    name = str(rel)
+    if not name or os.path.basename(name) != name or name in (".", "..") or os.sep in name or "/" in name:
+        raise UnsafeCheckpointError(f"refusing to load {d}: .metadata stores item {fqn!r} at {name!r}, which is "
+                                    f"not a file of the checkpoint directory (a storage path must be a plain "
+                                    f"file name inside {d}); only load checkpoints you trust")
+    return d / name

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,9 +25,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.checkpoint.disk_full import reports_disk_full
 from megatron_tip.checkpoint.layout import (
-    CHECKPOINTS_DIR, TRAINER_STATE, optim_file, step_dir, step_dirs,
+    CHECKPOINTS_DIR, TRAINER_STATE, optim_file, read_json_object, step_dir, step_dirs,
 )
+from megatron_tip.checkpoint.manifest import CorruptCheckpointError, lists, verify_checkpoint, write_manifest
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
 from megatron_tip.checkpoint.safe_load import load_tensors
 from megatron_tip.models.spec import ModelSpec
@@ -85,22 +88,71 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def read_trainer_state(ckpt: Path) -> Optional[dict]:
-    """The checkpoint's trainer state, or None when it is missing or unreadable (incomplete)."""
+    """The checkpoint's trainer state, or None when the checkpoint is incomplete: the state file
+    missing or unreadable, or the save stopped before its last act (a manifest without it)."""
     try:
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
+        state = json.loads((ckpt / TRAINER_STATE).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
-    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
+        return None
+    return state if lists(ckpt, TRAINER_STATE) else None
 
 
 def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
-    """(dir, trainer state) of the complete checkpoints of a run, oldest first."""
+    """(dir, trainer state) of the complete checkpoints of a run, oldest first (not yet verified:
+    see ``usable_checkpoint``)."""
     out = []
     for p in step_dirs(out_dir):
         state = read_trainer_state(p)
         if state is not None:
             out.append((p, state))
     return out
+
+
+def read_run_record(out_dir: str | os.PathLike) -> Optional[dict]:
+    """``run.json`` of a run directory (None when absent); ValueError naming the file when it is
+    not a JSON object."""
+    path = Path(out_dir) / RUN_FILE
+    return read_json_object(path) if path.is_file() else None
+
+
+def check_identity(ckpt: Path, state: dict, *, run_id: Optional[str]) -> None:
+    """ValueError unless the checkpoint is this run's (its run id) and its step is its directory's."""
+    name = ckpt.name.removeprefix("step_")
+    if not name.isdigit() or int(name) != state["step"]:
+        raise ValueError(f"checkpoint {ckpt}: {TRAINER_STATE} says step {state['step']}, its directory name says "
+                         f"{ckpt.name}: it was renamed or edited; remove it (the previous checkpoint is then used)")
+    if run_id is not None and state.get("run_id") != run_id:
+        raise ValueError(f"checkpoint {ckpt} belongs to run {state.get('run_id')}, but {ckpt.parents[1] / RUN_FILE} "
+                         f"is run {run_id} (copied in from another run?): remove it, or resume that run in its "
+                         f"own directory")
+
+
+def usable_checkpoint(out_dir: str | os.PathLike, *, collective: bool = False,
+                      rank: int = 0) -> tuple[Path, dict, bool]:
+    """(dir, trainer state, verified?) of the newest complete checkpoint whose files match its manifest.
+
+    A damaged one is reported in one line (rank 0) and the previous one is tried; one of another
+    run or whose step disagrees with its name is refused (ValueError). ``verified`` is False for
+    a checkpoint written before manifests existed (used as it is). ``collective``: every rank
+    calls (checksums are spread over ranks).
+    """
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    done = complete_checkpoints(out_dir)
+    if not done:
+        raise FileNotFoundError(f"no complete checkpoint under {root}")
+    record = read_run_record(out_dir)
+    run_id = record.get("run_id") if record is not None else None
+    for ckpt, state in reversed(done):
+        check_identity(ckpt, state, run_id=run_id)
+        try:
+            return ckpt, state, verify_checkpoint(ckpt, collective=collective)
+        except CorruptCheckpointError as e:
+            if rank == 0:
+                print(f"warning: checkpoint {ckpt.name} is damaged, not resuming from it: {e}", flush=True)
+    raise CorruptCheckpointError(f"no checkpoint under {root} matches its manifest (see the warnings above): "
+                                 f"restore one, or start again with run.resume=false run.overwrite=true")
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
@@ -118,7 +170,7 @@ def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bo
     out = Path(cfg.out_dir)
     run_file = out / RUN_FILE
     fingerprint = config_fingerprint(config)
-    record = json.loads(run_file.read_text()) if run_file.is_file() else None
+    record = read_run_record(out)
     has_ckpts = bool(complete_checkpoints(out))
     if cfg.resume in ("true", "auto") and (record is not None or has_ckpts):
         if record is None:
@@ -148,6 +200,7 @@ def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bo
     return record, False
 
 
+@reports_disk_full
 def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module, optimizer: Any,
                              scheduler: Any, spec: ModelSpec, ctx: Any, hf_dir: str, run_id: str) -> Path:
     """Collective: student weights (dist_checkpointing) + optimizer/scheduler + step, atomically."""
@@ -166,28 +219,36 @@ def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module,
         _write_json_atomic(final / TRAINER_STATE, {"step": step, "world_size": ctx.world_size, "tp": ctx.tp,
                                                    "pp": ctx.pp, "run_id": run_id})
     dist.barrier()
+    write_manifest(final, extend=True, collective=True)  # last act: the model part's manifest + the rest
+    dist.barrier()
     return final
 
 
 def resume_training(out_dir: str, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                     spec: ModelSpec, ctx: Any) -> int:
-    """Load the newest complete checkpoint under ``out_dir``; returns the next step to run."""
-    done = complete_checkpoints(out_dir)
-    if not done:
-        raise FileNotFoundError(f"no complete checkpoint under {Path(out_dir) / CHECKPOINTS_DIR}")
-    ckpt, state = done[-1]
-    if (state["world_size"], state["tp"], state["pp"]) != (ctx.world_size, ctx.tp, ctx.pp):
-        raise ValueError(f"checkpoint {ckpt} was written at world={state['world_size']} tp={state['tp']} "
-                         f"pp={state['pp']}; resume needs the same layout (optimizer state is per rank)")
-    load_megatron_checkpoint(model, ckpt, vocab_size=spec.vocab_size)
-    opt = load_tensors(optim_file(ckpt, ctx.rank))
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    if _is_distributed(optimizer):
-        path = _param_state_file(ckpt, ctx)
-        if ctx.dp_rank == 0:
-            load_tensors(path)  # refuse planted pickles before megatron's own torch.load reads the file
-        optimizer.load_parameter_state(str(path))
+    """Load the newest complete checkpoint under ``out_dir`` that verifies; returns the next step to run."""
+    ckpt, state, verified = usable_checkpoint(out_dir, collective=True, rank=ctx.rank)
+    if (state.get("world_size"), state.get("tp"), state.get("pp")) != (ctx.world_size, ctx.tp, ctx.pp):
+        raise ValueError(f"checkpoint {ckpt} was written at world={state.get('world_size')} tp={state.get('tp')} "
+                         f"pp={state.get('pp')}; resume needs the same layout (optimizer state is per rank)")
+    if not verified and ctx.rank == 0:
+        print(f"warning: {ckpt} has no manifest.json (written before integrity checks): resuming unverified",
+              flush=True)
+    try:
+        load_megatron_checkpoint(model, ckpt, vocab_size=spec.vocab_size, verify=False)
+        opt = load_tensors(optim_file(ckpt, ctx.rank))
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        if _is_distributed(optimizer):
+            path = _param_state_file(ckpt, ctx)
+            if ctx.dp_rank == 0:
+                load_tensors(path)  # refuse planted pickles before megatron's own torch.load reads the file
+            optimizer.load_parameter_state(str(path))
+    except (EOFError, RuntimeError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
+        # Only an unverified (older) checkpoint gets here with damaged files.
+        raise CorruptCheckpointError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); remove it to resume from "
+                                     f"the previous one") from e
     if ctx.rank == 0:
         print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     return int(state["step"]) + 1

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from megatron_tip.checkpoint.layout import (
-    HF_DIR, check_output_dir, check_separate, commit_dir, copy_hf_aux_files, is_hf_dir, read_checkpoint_info, read_spec,
-    temp_dir_for,
+    HF_DIR, MODEL_DIR, check_output_dir, check_separate, commit_dir, copy_hf_aux_files, is_hf_dir,
+    read_checkpoint_info, read_spec, temp_dir_for,
 )
-from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_tip.checkpoint.model import check_integrity, load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_tip.checkpoint.safe_load import verify_dist_checkpoint
 from megatron_tip.launch import run_distributed
 from megatron_tip.models.hf.families import save_hf_config
 from megatron_tip.models.hf.mapping import all_names, canonical_to_hf
@@ -111,7 +112,7 @@ def _megatron_to_hf_rank(rank: int, world: int, megatron_dir: str, tmp: str, max
     init_parallel(1)
     params_dtype = DTYPES.get(meta.get("params_dtype", "float32"), torch.float32)
     model = build_gpt_model(spec, params_dtype=params_dtype)
-    load_megatron_checkpoint(model, megatron_dir)
+    load_megatron_checkpoint(model, megatron_dir, verify=False)  # megatron_to_hf verified it
     total = sum(len(hf) for _, _, hf in all_names(spec))
     stream = canonical_to_hf(iter_model_canonical(model), spec)
     return save_hf_safetensors(stream, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype,
@@ -129,6 +130,8 @@ def megatron_to_hf(megatron_dir: str | os.PathLike, out: str | os.PathLike, *, o
     spec, _ = read_checkpoint_info(megatron_dir)
     check_separate(megatron_dir, out)
     check_output_dir(out, overwrite=overwrite)
+    check_integrity(megatron_dir, collective=False)  # before any rank starts or anything is written
+    verify_dist_checkpoint(Path(megatron_dir) / MODEL_DIR)  # the rank checks again; this names it in one line
     torch_dtype = None if dtype == "auto" and hf_dtype(spec) is None else resolve_dtype(dtype, spec)
     tmp = temp_dir_for(out)
     if tmp.exists():
