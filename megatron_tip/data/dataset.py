@@ -13,6 +13,7 @@ import torch
 
 from megatron_tip.data.jsonl import numbered_problems
 from megatron_tip.seeding import PROMPT_ORDER, derive_seed
+from megatron_tip.validation import at_least
 
 
 @dataclass
@@ -25,6 +26,9 @@ class DataConfig:
     prompt_format: str = "auto"
     enable_thinking: Optional[bool] = None  # Qwen3 chat templates: thinking on/off
     max_prompt_len: int = 2048
+
+    def __post_init__(self) -> None:
+        at_least("max_prompt_len", self.max_prompt_len, 1)
 
 
 @dataclass
