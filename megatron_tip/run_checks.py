@@ -19,6 +19,11 @@ from megatron_tip.validation import short
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _shown(path: str) -> str:
+    """A path as the message shows it: whole (users copy it), unless absurdly long."""
+    return repr(path) if len(path) <= 1000 else short(path)
+
+
 def _where(value: str) -> str:
     return "" if Path(value).is_absolute() else " (a relative path is read from the working directory, then beside the config file)"
 
@@ -29,15 +34,15 @@ def check_model_dir(key: str, value: str) -> None:
         raise ValueError(f"{key} is not set: give an HF or megatron checkpoint directory")
     p = Path(value)
     if not p.exists():
-        raise FileNotFoundError(f"{key}={short(value)}: no such directory{_where(value)}")
+        raise FileNotFoundError(f"{key}={_shown(value)}: no such directory{_where(value)}")
     if not p.is_dir():
-        raise NotADirectoryError(f"{key}={short(value)}: not a directory (a model is a checkpoint directory)")
+        raise NotADirectoryError(f"{key}={_shown(value)}: not a directory (a model is a checkpoint directory)")
     if not (p / HF_CONFIG).is_file() and not (p / SPEC_FILE).is_file():
-        raise FileNotFoundError(f"{key}={short(value)}: neither an HF checkpoint ({HF_CONFIG}) nor a megatron "
+        raise FileNotFoundError(f"{key}={_shown(value)}: neither an HF checkpoint ({HF_CONFIG}) nor a megatron "
                                 f"checkpoint ({SPEC_FILE})")
     tok = Path(tokenizer_dir(p))
     if not any((tok / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{key}={short(value)}: no tokenizer files in {short(str(tok))} "
+        raise FileNotFoundError(f"{key}={_shown(value)}: no tokenizer files in {_shown(str(tok))} "
                                 f"(one of {', '.join(TOKENIZER_FILES)})")
 
 
@@ -47,9 +52,9 @@ def check_data_file(key: str, value: str) -> None:
         raise ValueError(f"{key} is not set: give a JSONL file of {{problem, answer}} rows")
     p = Path(value)
     if not p.exists():
-        raise FileNotFoundError(f"{key}={short(value)}: no such file{_where(value)}")
+        raise FileNotFoundError(f"{key}={_shown(value)}: no such file{_where(value)}")
     if not p.is_file():
-        raise IsADirectoryError(f"{key}={short(value)}: not a file")
+        raise IsADirectoryError(f"{key}={_shown(value)}: not a file")
 
 
 def check_paths(cfg: Any) -> None:
