@@ -211,3 +211,24 @@ def test_eval_cli_missing_model_exits_2_like_train_and_convert(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "/nope", "--data", str(TOY / "data" / "heldout.jsonl"), "--limit", "1"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == ["error: --model /nope: no such directory"]
+
+
+def test_prompt_order_builds_each_epoch_permutation_once(tmp_path, monkeypatch):
+    """The same order as a fresh permutation per prompt (the reference), with one randperm per epoch."""
+    from megatron_tip.data import dataset as ds_mod
+    from megatron_tip.seeding import PROMPT_ORDER, derive_seed
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"problem": str(i), "answer": str(i)}) + "\n" for i in range(7)))
+    ds = PromptDataset(str(p), encode=lambda s: [1], max_prompt_len=4, seed=5)
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(ds_mod.torch, "randperm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = [x.problem for s in range(6) for x in ds.batch(s, size=4)]  # 24 prompts: epochs 0..3
+    monkeypatch.setattr(ds_mod.torch, "randperm", real)
+    want = []
+    for k in range(24):
+        epoch, pos = divmod(k, 7)
+        g = torch.Generator().manual_seed(derive_seed(5, PROMPT_ORDER, epoch))
+        want.append(str(int(torch.randperm(7, generator=g)[pos])))
+    assert got == want and len(calls) == 4
