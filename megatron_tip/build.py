@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from megatron_tip.checkpoint import is_hf_dir, load_weights, read_spec, tokenizer_dir
+from megatron_tip.checkpoint import is_hf_dir, load_weights, tokenizer_dir
 from megatron_tip.config import RunConfig
 from megatron_tip.data import PromptDataset
 from megatron_tip.data.prompts import build_prompt, resolve_format
@@ -19,6 +19,7 @@ from megatron_tip.models.config import ModelConfig
 from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.optim import build_optimizer
 from megatron_tip.rollout import build_engine, check_engine, stop_token_ids
+from megatron_tip.run_checks import check_inputs, check_recompute, shared_vocab
 
 
 @dataclass
@@ -41,31 +42,6 @@ class Built:
     eval_dataset: Optional[PromptDataset] = None
 
 
-def shared_vocab(student: ModelSpec, teacher: ModelSpec, tokenizer, override: Optional[int]) -> int:
-    """The true vocabulary both models are compared on (docs/design_notes.md: align on it, pad the rest).
-
-    HF configs often pad the embedding (Qwen2.5: 151,936 vs 152,064); what must agree is the
-    tokenizer's range. A model smaller than the tokenizer is a real mismatch.
-    """
-    v = override or len(tokenizer)
-    for name, spec in (("student", student), ("teacher", teacher)):
-        if spec.vocab_size < v:
-            raise ValueError(f"{name} vocab_size={spec.vocab_size} is smaller than the shared "
-                             f"vocabulary {v} (tokenizer length or scoring.vocab_size): the teacher's "
-                             f"vocabulary differs from the student's beyond padding")
-    return v
-
-
-def check_sequence_length(cfg: RunConfig, *, student: ModelSpec, teacher: ModelSpec) -> None:
-    """Prompt + response must fit both models' position range (checked before any weight loads)."""
-    need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    for name, spec in (("student", student), ("teacher", teacher)):
-        if need > spec.max_position_embeddings:
-            raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens = {cfg.data.max_prompt_len} + "
-                             f"{cfg.rollout.max_new_tokens} = {need} exceeds the {name}'s "
-                             f"max_position_embeddings={spec.max_position_embeddings}")
-
-
 def check_memory_features(cfg: RunConfig, *, student: ModelSpec, ctx: ParallelContext) -> None:
     """Refuse memory settings this build cannot run, before any weight loads (one clear line each)."""
     if cfg.parallel.sequence_parallel:
@@ -75,14 +51,7 @@ def check_memory_features(cfg: RunConfig, *, student: ModelSpec, ctx: ParallelCo
     if cfg.optim.distributed_optimizer and ctx.device.type != "cuda":
         raise ValueError("optim.distributed_optimizer=true needs CUDA: megatron-core's DistributedOptimizer "
                          "accepts only torch.cuda tensors")
-    mc = cfg.student
-    per_stage = student.num_layers // ctx.pp
-    if mc.recompute_granularity == "full" and mc.recompute_num_layers > per_stage:
-        raise ValueError(f"student.recompute_num_layers={mc.recompute_num_layers} exceeds the {per_stage} layers "
-                         f"of a pipeline stage ({student.num_layers} layers / pipeline_parallel={ctx.pp})")
-    if mc.recompute_granularity == "full" and mc.recompute_method == "uniform" and per_stage % mc.recompute_num_layers:
-        raise ValueError(f"student.recompute_num_layers={mc.recompute_num_layers} must divide the {per_stage} layers "
-                         f"of a pipeline stage with recompute_method=uniform")
+    check_recompute(cfg.student, num_layers=student.num_layers, pp=ctx.pp)
 
 
 def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, *, train: bool):
@@ -110,19 +79,16 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     """Build this rank's parts of the run described by ``cfg`` (collective: loads sharded weights)."""
     from transformers import AutoTokenizer
 
-    if cfg.train.prompts_per_step % ctx.dp:
-        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by "
-                         f"the data-parallel size {ctx.dp}")
-    for name, mc in (("student", cfg.student), ("teacher", cfg.teacher)):
-        if not mc.path:
-            raise ValueError(f"{name}.path is not set")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.student.path))
-    student_spec, teacher_spec = read_spec(cfg.student.path), read_spec(cfg.teacher.path)
-    if AutoTokenizer.from_pretrained(tokenizer_dir(cfg.teacher.path)).get_vocab() != tokenizer.get_vocab():
+    # Paths, layout, sequence length (the planner's checks too): before anything is read or loaded.
+    student_spec, teacher_spec = check_inputs(cfg, world_size=ctx.world_size)
+    # local_files_only: a checked local dir must never turn into a hub lookup.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.student.path), local_files_only=True)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.teacher.path), local_files_only=True)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError("teacher and student tokenizers differ: distillation needs one vocabulary")
-    check_sequence_length(cfg, student=student_spec, teacher=teacher_spec)
     check_memory_features(cfg, student=student_spec, ctx=ctx)
-    vocab_size = shared_vocab(student_spec, teacher_spec, tokenizer, cfg.scoring.vocab_size)
+    vocab_size = shared_vocab(student_spec.vocab_size, teacher_spec.vocab_size, tokenizer_len=len(tokenizer),
+                              override=cfg.scoring.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = stop_token_ids(tokenizer)  # the evaluator stops on the same ids
     if cfg.rollout.engine == "vllm" and not is_hf_dir(cfg.student.path):

@@ -28,6 +28,7 @@ from megatron_tip.rollout.config import RolloutConfig
 from megatron_tip.scoring import ScoringConfig
 from megatron_tip.selection import SelectionConfig
 from megatron_tip.trainer import TrainConfig
+from megatron_tip.validation import short
 
 # Keys that moved to their component's section (old configs get a pointer, not just "unknown").
 MOVED_KEYS = {
@@ -61,7 +62,8 @@ class RunConfig:
                              "activations; activation recomputation applies to the student only")
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
-                             f"train.steps={self.train.steps}")
+                             f"train.steps={self.train.steps} (for a short smoke test such as train.steps=1, "
+                             f"also set optim.warmup_steps=0)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,9 +76,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return None if value is None or value == "null" else _coerce(value, args[0], key)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value, where=f"config key {key!r}")
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ValueError(f"config key {key!r}: expected a list, got {short(value)}")
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(v, inner, key) for v in value]
     if tp is bool:
@@ -84,25 +86,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "1")
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config key {key!r}: expected true/false, got {value!r}")
+        raise ValueError(f"config key {key!r}: expected true/false, got {short(value)}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config key {key!r}: expected {tp.__name__}, got {short(value)}")
         try:
             out = tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() else tp(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r}: expected {tp.__name__}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"config key {key!r}: expected {tp.__name__}, got {short(value)}") from None
         if tp is int and isinstance(value, float) and value != int(value):
-            raise ValueError(f"config key {key!r}: expected int, got {value!r}")
+            raise ValueError(f"config key {key!r}: expected int, got {short(value)}")
         return out
     if tp is str:
+        if not isinstance(value, (str, int, float)):  # str() of a list or mapping is not what was meant
+            raise ValueError(f"config key {key!r}: expected a string, got {_kind(value)} {short(value)}")
         return str(value)
     return value
 
 
+def _kind(value: Any) -> str:
+    return {list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -133,7 +141,10 @@ def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {key!r}: {p!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        node[parts[-1]] = load_yaml(value, where=f"override {key}") if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {key}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -163,10 +174,53 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+# A config has ~100 YAML nodes; aliases may repeat a section, but the tree they expand to stays
+# small. A "billion laughs" document expands 9^9-fold: refuse it before anything walks it.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents whose aliases expand past MAX_YAML_NODES nodes (or recurse)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, self.where)
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], where: str) -> int:
+    """Nodes of ``node`` with every alias expanded (memoized: linear in the document, not in the expansion)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:
+            raise ValueError(f"{where}: a YAML alias refers to itself (a recursive structure)")
+        return memo[key]
+    memo[key] = -1
+    children = (node.value if isinstance(node, yaml.SequenceNode) else
+                [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else [])
+    total = 1 + sum(_expanded_size(c, memo, where) for c in children)
+    if total > MAX_YAML_NODES:
+        raise ValueError(f"{where}: YAML aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?); "
+                         f"write the values out")
+    memo[key] = total
+    return total
+
+
+def load_yaml(text: str, *, where: str) -> Any:
+    """``yaml.safe_load`` with the expansion of aliases bounded; ValueError naming ``where`` otherwise."""
+    loader = _BoundedLoader(text)
+    loader.where = where
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise ValueError(f"{where}: YAML nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(p: Path) -> dict[str, Any]:
     """The config file as a mapping of sections; ValueError naming the file, line and problem."""
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        tree = load_yaml(p.read_text(encoding="utf-8"), where=str(p))
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -23,6 +23,7 @@ from megatron_tip.checkpoint.training import (prepare_run_dir, remove_incomplete
 from megatron_tip.config import RunConfig, load_config
 from megatron_tip.distributed import ParallelContext, destroy_parallel, init_parallel
 from megatron_tip.metrics_log import MetricsLogger
+from megatron_tip.run_checks import check_inputs
 from megatron_tip.preemption import EXIT_PREEMPTED, StopRequest
 from megatron_tip.trainer import Trainer
 
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     debug = args.debug or os.environ.get("MEGATRON_TIP_DEBUG") == "1"
     try:
-        return run(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)  # every path, both model specs, the layout: before the process group or run dir
+        return run(cfg)
     except RunFailed as e:
         if debug:
             raise

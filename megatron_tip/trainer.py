@@ -27,7 +27,7 @@ from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
 from megatron_tip.selection import SelectionResult, select_tokens
-from megatron_tip.validation import at_least, in_range
+from megatron_tip.validation import at_least, in_range, int_range
 
 if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
     from megatron_tip.build import Built
@@ -49,6 +49,7 @@ class TrainConfig:
         at_least("steps", self.steps, 1)
         at_least("prompts_per_step", self.prompts_per_step, 1)
         at_least("micro_batch_size", self.micro_batch_size, 1)
+        int_range("seed", self.seed, 0, 2**32 - 1)  # numpy (vLLM) takes 32-bit seeds; torch 64-bit
         in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
@@ -119,7 +120,7 @@ class Trainer:
 
     # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
     def score(self, packed: PackedBatch) -> ScoredBatch:
-        mbs = microbatches(packed, size=self.cfg.train.micro_batch_size)
+        mbs = microbatches(packed, size=min(self.cfg.train.micro_batch_size, packed.input_ids.shape[0]))
         return score_batch(packed, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
                            vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
 

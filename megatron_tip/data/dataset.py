@@ -13,6 +13,7 @@ import torch
 
 from megatron_tip.data.jsonl import numbered_problems
 from megatron_tip.seeding import PROMPT_ORDER, derive_seed
+from megatron_tip.validation import at_least
 
 
 @dataclass
@@ -25,6 +26,9 @@ class DataConfig:
     prompt_format: str = "auto"
     enable_thinking: Optional[bool] = None  # Qwen3 chat templates: thinking on/off
     max_prompt_len: int = 2048
+
+    def __post_init__(self) -> None:
+        at_least("max_prompt_len", self.max_prompt_len, 1)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class PromptDataset:
                                  f"data.max_prompt_len={max_prompt_len}")
             self.prompts.append(Prompt(str(row["problem"]), str(row["answer"]), ids))
         self.seed = seed
+        self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -56,7 +61,13 @@ class PromptDataset:
         out = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self.prompts))
-            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch))
-            order = torch.randperm(len(self.prompts), generator=g, device="cpu")  # host-side bookkeeping
-            out.append(self.prompts[int(order[pos])])
+            out.append(self.prompts[self._order(epoch)[pos]])
         return out
+
+    def _order(self, epoch: int) -> list[int]:
+        """The permutation of ``epoch`` (cached: a batch spans at most two epochs, so two are kept)."""
+        if epoch not in self._orders:
+            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, PROMPT_ORDER, epoch))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = torch.randperm(len(self.prompts), generator=g, device="cpu").tolist()  # host-side
+        return self._orders[epoch]

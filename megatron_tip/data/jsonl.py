@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ def _numbered_rows(path: str | Path, what: str) -> list[tuple[int, object]]:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise ValueError(f"{path}:{n}: JSON nested too deeply to read") from None
     if not rows:
         raise ValueError(f"{what} {path} is empty")
     return rows
@@ -42,11 +45,34 @@ def read_problems(path: str | Path, *, limit: Optional[int] = None, what: str = 
     return rows if limit is None else rows[:limit]
 
 
+def _field_problem(row: dict) -> Optional[str]:
+    """Why ``row``'s fields are unusable, or None: ``problem`` a string, ``answer`` a string or a finite number."""
+    if not isinstance(row["problem"], str):
+        return f"'problem' must be a string, got {_kind(row['problem'])}"
+    answer = row["answer"]
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    if not (isinstance(answer, str) or (number and math.isfinite(answer))):
+        return f"'answer' must be a string or a finite number, got {_kind(answer)}"
+    return None
+
+
+def _kind(value: object) -> str:
+    """A short description of a JSON value (never its whole text: values can be huge)."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)  # nan / inf
+    return {bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def numbered_problems(path: str | Path, *, what: str = "prompt file") -> list[tuple[int, dict]]:
     """(line number, row) pairs of a problem file, validated like :func:`read_problems`."""
     rows = _numbered_rows(path, what)
     for n, row in rows:
         if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
-            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            got = sorted(row)[:20] if isinstance(row, dict) else _kind(row)
             raise ValueError(f"{path}:{n}: needs 'problem' and 'answer' fields, got {got}")
+        bad = _field_problem(row)
+        if bad:
+            raise ValueError(f"{path}:{n}: {bad}")
     return rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         n = write_jsonl(dapo_rows(read_rows(args.inp), source=str(args.inp), keep_unmatched=args.keep_unmatched,
                                   dedup=not args.keep_duplicates), args.out)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # a user error, as in train, eval and convert
     print(f"wrote {n} problems to {args.out}")
     return n
 

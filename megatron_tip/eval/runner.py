@@ -30,21 +30,30 @@ from megatron_tip.data.prompts import PromptFormat, build_prompt
 GenerateFn = Callable[[list[str], int], list[list[str]]]
 
 
+class ModelDirError(ValueError):
+    """The model directory cannot be evaluated (missing, or not a checkpoint); the CLI exits 2."""
+
+
 def check_hf_dir(model_dir: str | Path, *, export_to: str | Path | None = None) -> Path:
     """Validate that ``model_dir`` is a HF checkpoint. A megatron_tip checkpoint (model_spec.json)
     is exported to HF format under ``export_to`` first (the same converter as
-    python -m megatron_tip.convert megatron-to-hf); without ``export_to`` it is an error."""
+    python -m megatron_tip.convert megatron-to-hf); without ``export_to`` it is an error.
+
+    Raises :class:`ModelDirError` naming the directory.
+    """
     d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"--model {d}: no such directory")
     if (d / SPEC_FILE).is_file() and not is_hf_dir(d):
         if export_to is None:
-            raise SystemExit(f"{d} is a megatron_tip checkpoint; evaluation loads HF checkpoints: "
-                             f"convert with `python -m megatron_tip.convert megatron-to-hf` first")
+            raise ModelDirError(f"{d} is a megatron_tip checkpoint; evaluation loads HF checkpoints: "
+                                f"convert with `python -m megatron_tip.convert megatron-to-hf` first")
         from megatron_tip.convert.run import megatron_to_hf
 
         megatron_to_hf(d, export_to, overwrite=True)
         return Path(export_to)
     if not is_hf_dir(d):
-        raise SystemExit(f"{d}: no config.json, not a HF checkpoint directory")
+        raise ModelDirError(f"--model {d}: no config.json, not a HF checkpoint directory")
     return d
 
 

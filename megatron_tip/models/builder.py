@@ -11,20 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_tip.models.spec import ModelSpec
-
-
-def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
-    """Fail fast (ValueError naming the numbers) on layouts megatron would assert or hang on."""
-    checks = [
-        ("num_attention_heads", spec.num_attention_heads, tp, "tensor_parallel"),
-        ("num_query_groups", spec.num_query_groups, tp, "tensor_parallel"),
-        ("ffn_hidden_size", spec.ffn_hidden_size, tp, "tensor_parallel"),
-        ("num_layers", spec.num_layers, pp, "pipeline_parallel"),
-    ]
-    for field, value, size, pname in checks:
-        if value % size:
-            raise ValueError(f"{field}={value} is not divisible by {pname} size {size}")
+from megatron_tip.models.spec import ModelSpec, check_model_parallel  # noqa: F401 (re-exported)
 
 
 def _rope_args(spec: ModelSpec) -> dict:

@@ -91,3 +91,21 @@ class ModelSpec:
     @classmethod
     def load(cls, path: str | Path) -> "ModelSpec":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int, name: str = "") -> None:
+    """Fail fast (ValueError naming the model and the numbers) on layouts megatron would assert or hang on.
+
+    The one layout check of a model: the trainer (before any weight loads), the model builder,
+    the converter and the planner all call it, so they refuse the same layouts with the same words.
+    """
+    checks = [
+        ("num_attention_heads", spec.num_attention_heads, tp, "tensor_parallel"),
+        ("num_query_groups", spec.num_query_groups, tp, "tensor_parallel"),
+        ("ffn_hidden_size", spec.ffn_hidden_size, tp, "tensor_parallel"),
+        ("num_layers", spec.num_layers, pp, "pipeline_parallel"),
+    ]
+    for field_name, value, size, pname in checks:
+        if value % size:
+            what = f"{name} " if name else ""
+            raise ValueError(f"{what}{field_name}={value} is not divisible by {pname} size {size}")

@@ -11,7 +11,8 @@ from megatron_tip.plan.inputs import PlanInputs, Runtime, Settings, Workload, in
 from megatron_tip.plan.memory import plan_memory
 from megatron_tip.plan.report import build_plan, format_plan
 
-__all__ = ["PlanInputs", "Runtime", "Settings", "Workload", "build_plan", "format_plan", "inputs_from_config",
+__all__ = ["PlanInputs", "Runtime", "Settings", "Workload", "build_plan", "default_target", "format_plan",
+           "inputs_from_config",
            "plan_config", "plan_memory", "preflight"]
 
 
@@ -33,16 +34,29 @@ def _local_device() -> Optional[str]:
     return "h100-80gb"
 
 
+def default_target(cfg: Any, shapes: Optional[dict[str, Optional[str]]] = None) -> str:
+    """What ``--gpu auto`` plans: this machine's GPU; without one, its CPU when both of the config's
+    models are directories here (the run the trainer would start here), else an H100 node."""
+    from pathlib import Path
+
+    gpu = _local_device()
+    if gpu:
+        return gpu
+    here = all(Path(p).is_dir() for p in (cfg.student.path, cfg.teacher.path)) and not any((shapes or {}).values())
+    return "cpu" if here else "h100-80gb"
+
+
 def preflight(cfg: Any, ctx: Any, student_spec: Any, teacher_spec: Any) -> str:
     """The plan of this run on this machine's layout, as text (the trainer prints it once).
 
     On a GPU the device figures of the matching part are used (H100 when unknown); on CPU the
-    memory model runs with the CPU runtime (fp32, unfused attention, torch AdamW) and no timing.
+    memory model runs with the CPU runtime (unfused attention, torch AdamW) against this machine's
+    RAM, and no timing: the same report as ``python -m megatron_tip.plan --gpu cpu``.
     """
     from megatron_tip.plan.inputs import CPU_RUNTIME
 
     gpu = _local_device()
-    inp = inputs_from_config(cfg, gpu=gpu, world_size=ctx.world_size, student=student_spec,
+    inp = inputs_from_config(cfg, gpu=gpu or "cpu", world_size=ctx.world_size, student=student_spec,
                              teacher=teacher_spec, runtime=None if gpu else CPU_RUNTIME)
     inp = inp.with_(student_source=str(cfg.student.path), teacher_source=str(cfg.teacher.path))
     return format_plan(inp, build_plan(inp), title="preflight")

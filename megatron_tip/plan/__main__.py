@@ -10,14 +10,17 @@ from megatron_tip.plan.devices import DEVICES
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_tip.config import load_config
-    from megatron_tip.plan import build_plan, format_plan, inputs_from_config
+    from megatron_tip.plan import build_plan, default_target, format_plan, inputs_from_config
     from megatron_tip.plan.inputs import split_overrides
     from megatron_tip.plan.memory import total_params
     from megatron_tip.plan.shapes import SHAPES
 
     ap = argparse.ArgumentParser(prog="python -m megatron_tip.plan", description=__doc__)
     ap.add_argument("--config", help="the training YAML (the trainer's own)")
-    ap.add_argument("--gpu", default="h100-80gb", choices=sorted(DEVICES))
+    ap.add_argument("--gpu", default="auto", choices=["auto", "cpu", *sorted(DEVICES)],
+                    help="auto (default): this machine's GPU; on a machine without one, its CPU when the "
+                         "config's models are here (a CPU run, as the trainer would start it), else h100-80gb; "
+                         "cpu: the run on this machine's CPU, one process per TP x PP rank")
     ap.add_argument("--nodes", type=int, default=None, help="nodes of 8 GPUs (default: fewest holding TP x PP)")
     ap.add_argument("--shape", action="append", default=[], metavar="ROLE=NAME",
                     help="model shape from the table for student/teacher, e.g. --shape student=qwen3-4b "
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     known, planner = split_overrides(args.overrides)
     try:
         cfg = load_config(args.config, known)
-        inp = inputs_from_config(cfg, gpu=args.gpu, nodes=args.nodes, student_shape=shapes["student"],
+        gpu = args.gpu if args.gpu != "auto" else default_target(cfg, shapes)
+        inp = inputs_from_config(cfg, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
                                  teacher_shape=shapes["teacher"], planner=planner,
                                  attention=args.attention, fused_adam=not args.no_fused_adam)
     except (ValueError, FileNotFoundError) as e:

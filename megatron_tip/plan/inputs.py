@@ -1,9 +1,7 @@
 """What the planner computes from: model shapes, layout, memory settings, one step's workload.
 
-``inputs_from_config`` reads the trainer's own ``RunConfig``. The memory-feature fields of
-issue #13 (recomputation, sequence parallelism, distributed optimizer, vLLM sleep) are read from
-the config when it has them and otherwise taken from ``settings`` (``PLANNER_KEYS``), so the
-same command line works before and after those fields exist.
+``inputs_from_config`` reads the trainer's own ``RunConfig`` and refuses what the trainer refuses
+(``megatron_tip.run_checks.check_layout``, the same function and message).
 """
 from __future__ import annotations
 
@@ -14,18 +12,10 @@ from typing import Any, Optional
 
 from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.plan.devices import Device, device as lookup_device
+from megatron_tip.run_checks import check_layout, shared_vocab
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
-# Dotted config keys the planner understands even where the config does not define them yet.
-PLANNER_KEYS = {
-    "student.recompute_granularity": ("recompute_granularity", str),
-    "student.recompute_method": ("recompute_method", str),
-    "student.recompute_num_layers": ("recompute_num_layers", int),
-    "parallel.sequence_parallel": ("sequence_parallel", bool),
-    "optim.distributed_optimizer": ("distributed_optimizer", bool),
-    "rollout.vllm_sleep_level": ("vllm_sleep_level", int),
-}
 # Proposed, not read by the trainer yet: the megatron engine samples max(train.micro_batch_size, 8)
 # sequences at a time. Accepted here to show what a separate rollout batch would change.
 WHAT_IF_KEYS = {"rollout.micro_batch_size": int}
@@ -140,46 +130,26 @@ class PlanInputs:
         return out
 
 
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-    """The dotted config field ``path``, or ``default`` where the config does not define it."""
-    node = cfg
-    for part in path.split("."):
-        if not hasattr(node, part):
-            return default
-        node = getattr(node, part)
-    return node
-
-
 def split_overrides(overrides: list[str], cfg_cls: Any = None) -> tuple[list[str], dict[str, str]]:
-    """Separate ``key=value`` overrides the config does not define yet (``PLANNER_KEYS``)."""
-    from megatron_tip.config import RunConfig
-
-    cfg_cls = cfg_cls or RunConfig
+    """Separate the what-if ``key=value`` overrides the trainer does not read (``WHAT_IF_KEYS``)."""
     known, planner = [], {}
     for ov in overrides:
         key = ov.split("=", 1)[0].strip()
-        section, _, field = key.partition(".")
-        sec_cls = cfg_cls.__dataclass_fields__.get(section)
-        defined = sec_cls is not None and field in getattr(sec_cls.default_factory, "__dataclass_fields__", {})
-        if (key in PLANNER_KEYS or key in WHAT_IF_KEYS) and not defined:
+        if key in WHAT_IF_KEYS:
             planner[key] = ov.split("=", 1)[1]
         else:
             known.append(ov)
     return known, planner
 
 
-def settings_from(cfg: Any, planner: Optional[dict[str, str]] = None) -> Settings:
-    import yaml
-
-    values = {}
-    for key, (name, tp) in PLANNER_KEYS.items():
-        if planner and key in planner:
-            values[name] = tp(yaml.safe_load(planner[key]))
-        else:
-            got = _get(cfg, key)
-            if got is not None:
-                values[name] = tp(got)
-    return Settings(**values)
+def settings_from(cfg: Any) -> Settings:
+    """The memory features of the run ``cfg`` (RunConfig)."""
+    return Settings(recompute_granularity=cfg.student.recompute_granularity,
+                    recompute_method=cfg.student.recompute_method,
+                    recompute_num_layers=cfg.student.recompute_num_layers,
+                    sequence_parallel=cfg.parallel.sequence_parallel,
+                    distributed_optimizer=cfg.optim.distributed_optimizer,
+                    vllm_sleep_level=cfg.rollout.vllm_sleep_level)
 
 
 def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
@@ -202,7 +172,7 @@ def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
 def _runtime(cfg: Any, dev: Optional[Device], attention: Optional[str], fused_adam: bool) -> Runtime:
     if dev is None:
         return CPU_RUNTIME
-    impl = _get(cfg, "student.transformer_impl", default="auto")
+    impl = cfg.student.transformer_impl
     return Runtime(attention=attention or ("unfused" if impl == "local" else "flash"), fused_adam=fused_adam)
 
 
@@ -219,48 +189,54 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
                        fused_adam: bool = True) -> PlanInputs:
     """PlanInputs for the run ``cfg`` describes, on ``nodes`` x 8 ``gpu`` (or ``world_size`` ranks).
 
+    ``gpu="cpu"``: the run on this machine's CPU (one process per TP x PP rank unless
+    ``world_size``), planned with the CPU runtime and no step time.
+
     ``runtime`` defaults to a GPU runtime whose attention follows ``student.transformer_impl``
     (local: megatron's unfused attention; auto / transformer_engine: flash) unless ``attention``
     names one; without a device, the CPU runtime.
     """
-    dev = lookup_device(gpu) if gpu else None
+    cpu = gpu == "cpu"
+    dev = lookup_device(gpu) if gpu and not cpu else None
     tp, pp = int(cfg.parallel.tensor_parallel), int(cfg.parallel.pipeline_parallel)
     per_node = dev.gpus_per_node if dev else 8
+    if world_size is None and cpu:
+        world_size = tp * pp  # a CPU run: this machine, one process per model-parallel rank (DP=1)
     if world_size is None:
         nodes = nodes or default_nodes(tp, pp, per_node)
         world_size = nodes * per_node
-    if world_size % (tp * pp):
-        raise ValueError(f"{world_size} GPUs are not divisible by tensor_parallel x pipeline_parallel "
-                         f"= {tp} x {pp}")
-    dp = world_size // (tp * pp)
-    layout = Layout(tp=tp, pp=pp, dp=dp, nodes=nodes or math.ceil(world_size / per_node), gpus_per_node=per_node)
-    prompts = int(cfg.train.prompts_per_step)
-    if prompts % dp:
-        raise ValueError(f"train.prompts_per_step={prompts} is not divisible by the data-parallel size {dp}")
     s_src = t_src = "given"
     if student is None:
         student, s_src = resolve_spec(cfg.student.path, student_shape)
     if teacher is None:
         teacher, t_src = resolve_spec(cfg.teacher.path, teacher_shape)
+    # What the trainer refuses before loading (world size, divisibility, heads, KV groups, sequence
+    # length, recomputation, vocabulary), refused here with the trainer's own words.
+    check_layout(cfg, student=student, teacher=teacher, world_size=world_size)
+    dp = world_size // (tp * pp)
+    layout = Layout(tp=tp, pp=pp, dp=dp, nodes=1 if cpu else nodes or math.ceil(world_size / per_node),
+                    gpus_per_node=world_size if cpu else per_node)
+    prompts = int(cfg.train.prompts_per_step)
     sel = cfg.selection
     keep = 1.0 if sel.policy in ("all", "quadrants") else float(sel.keep_ratio)
     r = cfg.rollout
     mbs = int(cfg.train.micro_batch_size)
     prompt_len = int(cfg.data.max_prompt_len)
-    shared = cfg.scoring.vocab_size or min(student.vocab_size, teacher.vocab_size)
+    shared = shared_vocab(student.vocab_size, teacher.vocab_size, override=cfg.scoring.vocab_size)
+    rollouts = prompts // dp * int(r.samples_per_prompt)
     workload = Workload(
-        rollouts=prompts // dp * int(r.samples_per_prompt), seq_len=prompt_len + int(r.max_new_tokens),
-        prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=mbs, keep_ratio=keep,
+        rollouts=rollouts, seq_len=prompt_len + int(r.max_new_tokens),
+        # the trainer's micro-batch never holds more rows than a rank's rollouts
+        prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=min(mbs, rollouts), keep_ratio=keep,
         score_chunk_tokens=cfg.scoring.score_chunk_tokens, stats_chunk_size=cfg.scoring.stats_chunk_size,
         shared_vocab=int(shared), rollout_engine=r.engine,
         rollout_micro_batch=int((planner or {}).get("rollout.micro_batch_size")
-                                or _get(cfg, "rollout.micro_batch_size", default=max(mbs, 8))),
+                                or max(mbs, 8)),
         policy=sel.policy,
-        fused_output_layer=bool(_get(cfg, "scoring.fused_output_layer", default=True)),
-        ops_impl=str(_get(cfg, "scoring.ops_impl", default="auto")),
+        fused_output_layer=bool(cfg.scoring.fused_output_layer), ops_impl=str(cfg.scoring.ops_impl),
         fused_chunk_size=cfg.scoring.fused_chunk_size,
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
-                      teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, planner),
+                      teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg),
                       workload=workload, runtime=runtime or _runtime(cfg, dev, attention, fused_adam),
                       device=dev, student_source=s_src, teacher_source=t_src)

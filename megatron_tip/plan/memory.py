@@ -13,13 +13,15 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_tip.models.spec import ModelSpec
-from megatron_tip.ops.fused_linear_rkl import FUSED_CHUNK_BYTES  # one [rows, V/TP] fp32 logits chunk
-from megatron_tip.ops.token_stats import STATS_CHUNK_BYTES as OPS_CHUNK_BYTES  # fp32 work buffer per chunk
+# The ops' own constants (one source): the stats ops' fp32 work buffer per chunk, the fused op's
+# [rows, V/TP] fp32 logits chunk, and the shard width from which "auto" compiles.
+from megatron_tip.ops.compiled import AUTO_MIN_VOCAB, row_bucket
+from megatron_tip.ops.fused_linear_rkl import FUSED_CHUNK_BYTES
+from megatron_tip.ops.token_stats import STATS_CHUNK_BYTES as OPS_CHUNK_BYTES
 from megatron_tip.plan.activations import attention_score_buffer_bytes, layer_bytes, stage_activation_bytes
 from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
 
 GiB = 2**30
-AUTO_MIN_VOCAB = 4096  # megatron_tip.ops.compiled.AUTO_MIN_VOCAB: "auto" compiles from this shard width
 PHASES = ("rollout", "scoring", "gradient", "optimizer")
 
 
@@ -134,15 +136,6 @@ def ops_impl(inp: PlanInputs) -> str:
     return impl
 
 
-def _row_bucket(n: int, rows: int) -> int:
-    """megatron_tip.ops.compiled.row_bucket: rows of one compiled kernel call."""
-    for k in (8, 4, 2):
-        b = max(1, math.ceil(rows / k))
-        if n <= b:
-            return b
-    return rows
-
-
 def _stats_kernel_bytes(inp: PlanInputs, n: int, *, eager_buffers: int = 5) -> int:
     """fp32 work memory of one chunked pass of the token-stats kernels over ``n`` rows.
 
@@ -158,7 +151,7 @@ def _stats_kernel_bytes(inp: PlanInputs, n: int, *, eager_buffers: int = 5) -> i
         return 0
     if ops_impl(inp) == "eager":
         return eager_buffers * min(rows, n) * v_valid * 4
-    r = _row_bucket(n, rows)
+    r = row_bucket(n, rows)
     pad = r * v_local * (DTYPE_BYTES[inp.student_dtype] + DTYPE_BYTES[inp.teacher_dtype]) if n < r else 0
     return pad + (6 * r * v_valid * 4 if inp.runtime.traced_kernels else 0)
 
@@ -178,7 +171,7 @@ def fused_loss_bytes(inp: PlanInputs, n: int) -> dict[str, int]:
     v_valid = min(v_local, w.shared_vocab)
     h = s.hidden_size
     rows = w.fused_chunk_size or max(1, FUSED_CHUNK_BYTES // (4 * v_local))
-    rows = _row_bucket(max(1, min(n, rows)), rows)
+    rows = row_bucket(max(1, min(n, rows)), rows)
     impl = ops_impl(inp)
     if impl == "eager":  # on the chunk's real rows (the buffers have the bucket's)
         work = 5 * min(rows, n, max(1, OPS_CHUNK_BYTES // (v_local * 4))) * v_valid * 4  # as the op: from V/TP

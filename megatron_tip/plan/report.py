@@ -56,11 +56,27 @@ def build_plan(inp: PlanInputs) -> dict[str, Any]:
         "worst_stage": worst.stage, "peak_phase": worst.peak_phase, "peak_bytes": worst.peak,
         "notes": _notes(inp),
     }
+    cap = inp.device.memory_bytes if inp.device is not None else host_memory_bytes() if inp.runtime.kind == "cpu" else 0
+    if cap:  # a CPU run is checked against this machine's RAM, shared by its ranks; it has no step-time model
+        need = worst.peak * (lay.world if inp.device is None else 1)
+        out.update(capacity_bytes=cap, headroom_bytes=cap - need, fits=need <= cap, tight=0 <= cap - need < TIGHT * cap)
     if inp.device is not None:
-        cap = inp.device.memory_bytes
-        out.update(capacity_bytes=cap, headroom_bytes=cap - worst.peak, fits=worst.peak <= cap,
-                   tight=0 <= cap - worst.peak < TIGHT * cap, time_s=step_time(inp))
+        out.update(time_s=step_time(inp))
     return out
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory (0 where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _gib(n: float) -> str:
@@ -88,18 +104,19 @@ def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> st
     s_n, t_n = total_params(inp.student), total_params(inp.teacher)
     dev = inp.device
     where = f"{lay.world} x {dev.name} ({lay.nodes} node{'s' if lay.nodes > 1 else ''})" if dev else \
-        f"{lay.world} CPU rank(s)"
+        f"this machine's CPU, {lay.world} process{'es' if lay.world > 1 else ''}"
     kept = int(w.kept_per_microbatch() / w.micro_batch)
     lines = [f"TIP step plan{': ' + title if title else ''}",
-             f"  student  {s_n / 1e9:.2f}B params, {inp.student_dtype}  <- {inp.student_source}",
-             f"  teacher  {t_n / 1e9:.2f}B params, {inp.teacher_dtype}  <- {inp.teacher_source}",
+             f"  student  {_params(s_n)} params, {inp.student_dtype}  <- {inp.student_source}",
+             f"  teacher  {_params(t_n)} params, {inp.teacher_dtype}  <- {inp.teacher_source}",
              f"  layout   {where}: TP={lay.tp} PP={lay.pp} DP={lay.dp}, sequence parallel "
              f"{'on' if st.sequence_parallel else 'off'}",
              f"  memory   recompute {st.recompute_granularity}"
              + (f" ({st.recompute_method}, {st.recompute_num_layers} layer(s))" if st.recompute_granularity == "full"
                 else "")
              + f", distributed optimizer {'on' if st.distributed_optimizer else 'off'}, "
-             f"attention {inp.runtime.attention}, rollout {w.rollout_engine}"
+             f"attention {inp.runtime.attention if dev else 'unfused (megatron local layers on CPU)'}, "
+             f"rollout {w.rollout_engine}"
              + (f" (gpu_memory_utilization {w.vllm_gpu_memory_utilization}, sleep level {st.vllm_sleep_level})"
                 if w.rollout_engine == "vllm" else
                 f" (micro-batch {w.rollout_micro_batch})" if w.rollout_engine == "megatron" else ""),
@@ -112,14 +129,18 @@ def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> st
     for s in plan["stages"]:
         sm = StageMemory(s["stage"], s["persistent"], s["phases"])
         worst = " (worst)" if s["stage"] == plan["worst_stage"] and lay.pp > 1 else ""
-        lines += [f"Per-GPU memory, pipeline stage {s['stage']} of {lay.pp}{worst}"] + _stage_table(sm) + [""]
+        per = "Per-GPU" if dev else "Per-process"
+        lines += [f"{per} memory, pipeline stage {s['stage']} of {lay.pp}{worst}"] + _stage_table(sm) + [""]
     peak = plan["peak_bytes"]
     verdict = f"peak {peak / GiB:.2f} GiB in the {plan['peak_phase']} phase"
-    if dev is not None:
-        head = plan["headroom_bytes"]
-        verdict += (f" of {dev.memory_gib:.2f} GiB -> FITS ({head / GiB:.2f} GiB free"
-                    f"{', tight' if plan['tight'] else ''})" if plan["fits"] else
-                    f" of {dev.memory_gib:.2f} GiB -> DOES NOT FIT (short by {-head / GiB:.2f} GiB)")
+    if "capacity_bytes" in plan:
+        head, cap = plan["headroom_bytes"], plan["capacity_bytes"] / GiB
+        of = f"of {cap:.2f} GiB" if dev else (f"x {lay.world} processes of {cap:.2f} GiB RAM" if lay.world > 1
+                                              else f"of {cap:.2f} GiB RAM")
+        verdict += (f" {of} -> FITS ({head / GiB:.2f} GiB free{', tight' if plan['tight'] else ''})" if plan["fits"]
+                    else f" {of} -> DOES NOT FIT (short by {-head / GiB:.2f} GiB)")
+    if dev is None:
+        verdict += "; no step-time estimate on CPU (the planner's timing models GPUs)"
     lines.append(verdict)
     if "time_s" in plan:
         t = plan["time_s"]

@@ -53,17 +53,24 @@ def test_dapo_parquet(tmp_path):
     check_output(tmp_path / "out.jsonl")
 
 
-def test_dapo_errors_name_the_row(tmp_path):
+def _fails(capsys, argv, match):
+    """A user error: one line `error: ...` on stderr and exit code 2 (as train, eval and convert)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_dapo_errors_name_the_row(tmp_path, capsys):
     rows = published_rows()
     rows[2]["prompt"][0]["content"] = "What is 1+1?"  # no DAPO instruction
     src = tmp_path / "dapo.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match="row 2: the user message does not carry DAPO"):
-        main(["dapo", "--in", str(src), "--out", str(tmp_path / "out.jsonl")])
+    _fails(capsys, ["dapo", "--in", str(src), "--out", str(tmp_path / "out.jsonl")],
+           "row 2: the user message does not carry DAPO")
     assert main(["dapo", "--in", str(src), "--out", str(tmp_path / "out.jsonl"), "--keep-unmatched"]) == 3
     del rows[0]["reward_model"]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match="row 0: no reward_model.ground_truth"):
-        main(["dapo", "--in", str(src), "--out", str(tmp_path / "out.jsonl")])
-    with pytest.raises(SystemExit, match="input file not found"):
-        main(["dapo", "--in", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o.jsonl")])
+    _fails(capsys, ["dapo", "--in", str(src), "--out", str(tmp_path / "out.jsonl")], "row 0: no reward_model.ground_truth")
+    _fails(capsys, ["dapo", "--in", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o.jsonl")],
+           "input file not found")

@@ -49,7 +49,9 @@ def test_chat_template_with_enable_thinking(tokenizer):
 
 def test_megatron_checkpoint_gets_conversion_hint(tmp_path):
     (tmp_path / "model_spec.json").write_text("{}")
-    with pytest.raises(SystemExit, match="megatron_tip.convert megatron-to-hf"):
+    from megatron_tip.eval.runner import ModelDirError
+
+    with pytest.raises(ModelDirError, match="megatron_tip.convert megatron-to-hf"):  # library code: no SystemExit
         check_hf_dir(tmp_path)
 
 

@@ -32,6 +32,9 @@ def test_plan_runs_on_every_example_config(config, capsys):
             assert total == sum(stage["persistent"].values()) + sum(stage["phases"][phase].values())
         assert stage["peak"] == max(stage["totals"].values())
     assert plan["peak_bytes"] == max(s["peak"] for s in plan["stages"])
+    if config.stem == "tiny_cpu":  # its models are here and this machine has no GPU: planned as the CPU run
+        assert plan["layout"]["gpu"] == "cpu" and "time_s" not in plan
+        return
     assert set(plan["time_s"]) == {"rollout", "teacher scoring", "student scoring", "gradient pass + optimizer",
                                    "weight sync"}
     assert all(t >= 0 for t in plan["time_s"].values()) and plan["time_s"]["gradient pass + optimizer"] > 0
@@ -81,3 +84,42 @@ def test_preflight_text_on_cpu():
     cfg = load_config(str(REPO / "examples/configs/qwen3_8b_to_4b.yaml"))
     text = preflight(cfg, SimpleNamespace(world_size=8), SHAPES["qwen3-4b"].spec(), SHAPES["qwen3-8b"].spec())
     assert text.startswith("TIP step plan: preflight") and "TP=2 PP=1 DP=4" in text and "peak" in text
+
+
+def test_a_cpu_config_is_planned_as_the_cpu_run(capsys):
+    """tiny_cpu.yaml on a machine without a GPU: this machine, one process, params in M, no flash
+    attention, no step time; the same report the trainer prints at start-up (preflight)."""
+    from megatron_tip.checkpoint import read_spec
+    from megatron_tip.plan.report import host_memory_bytes
+
+    cfg_path = str(REPO / "examples/configs/tiny_cpu.yaml")
+    text = _plan(capsys, ["--config", cfg_path])
+    assert "this machine's CPU, 1 process: TP=1 PP=1 DP=1" in text
+    assert "h100" not in text and "attention flash" not in text and "Step time estimate" not in text
+    assert "0.68M params" in text and "1.84M params" in text  # the toy's 0.68M / 1.84M, not "0.00B"
+    assert f"of {host_memory_bytes() / 2**30:.2f} GiB RAM -> FITS" in text
+    cfg = load_config(cfg_path)
+    pre = preflight(cfg, SimpleNamespace(world_size=1), read_spec(cfg.student.path), read_spec(cfg.teacher.path))
+    assert pre.strip().split("\n")[1:] == text.strip().split("\n")[1:]  # only the title differs
+    gpu = _plan(capsys, ["--config", cfg_path, "--gpu", "h100-80gb"])  # a GPU plan stays one flag away
+    assert "8 x h100-80gb" in gpu and "Step time estimate" in gpu
+
+
+@pytest.mark.parametrize("config,override,match", [
+    ("qwen3_8b_to_4b", "parallel.tensor_parallel=16", "student num_query_groups=8 is not divisible by tensor_parallel size 16"),
+    ("tiny_cpu", "parallel.tensor_parallel=1000000", "student num_attention_heads=2 is not divisible by tensor_parallel size 1000000"),
+    ("tiny_cpu", "rollout.max_new_tokens=1000", "exceeds the student's max_position_embeddings=256"),
+    ("tiny_cpu", "scoring.vocab_size=100000", "scoring.vocab_size=100000 is larger than the student's vocab_size=279"),
+])
+def test_planner_refuses_what_the_trainer_refuses_with_its_words(config, override, match, capsys):
+    """One layout check (run_checks.check_layout) for both: the planner's line is the trainer's line."""
+    from megatron_tip.run_checks import check_inputs
+
+    path = str(REPO / "examples" / "configs" / f"{config}.yaml")
+    assert main(["--config", path, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {match}"] or (len(err) == 1 and match in err[0]), err
+    if config == "tiny_cpu":  # the trainer's own pre-load check (its models are here) says the same
+        with pytest.raises(ValueError) as e:
+            check_inputs(load_config(path, [override]))
+        assert f"error: {e.value}" == err[0]

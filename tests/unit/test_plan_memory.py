@@ -143,3 +143,14 @@ def test_ops_impl_auto_compiles_wide_vocab_shards_and_drops_the_eager_buffers():
     assert kernel == {"eager": 5 * 256 * v_local * 4, "compiled": 0}  # five fp32 [rows, v] buffers vs none
     traced = _stats_kernel_bytes(_inputs().with_(runtime=TRACED_CPU_RUNTIME), 512)
     assert traced == 6 * 256 * v_local * 4  # the kernel body run as plain ops (under PeakMemory)
+
+
+def test_planner_takes_the_ops_constants_and_row_bucket_from_ops():
+    """One source: the planner's kernel sizes are the ops' own, not copies that can drift."""
+    from megatron_tip.ops import compiled, fused_linear_rkl, token_stats
+    from megatron_tip.plan import memory
+
+    assert memory.row_bucket is compiled.row_bucket
+    assert (memory.OPS_CHUNK_BYTES, memory.FUSED_CHUNK_BYTES) == (token_stats._CHUNK_BYTES,
+                                                                  fused_linear_rkl._FUSED_CHUNK_BYTES)
+    assert not hasattr(memory, "_row_bucket")
