@@ -123,7 +123,7 @@ def test_a_failed_start_leaves_the_run_dir_free_for_the_corrected_command(pair, 
     assert not any(ln.lstrip().startswith("{") for ln in lines) and "summary.json" in lines[-1]
     # The same with run.resume=auto: the failed start's config must not be "another run".
     out = tmp_path / "typo_auto"
-    assert train(pair, out, **{"student.path": tmp_path / "no_such_student", "run.resume": "auto"}) == ("exit", 2)
+    assert train(pair, out, **{"data.prompts": missing, "run.resume": "auto"}) == ("exit", 2)
     assert train(pair, out, **{"train.steps": 2, "run.resume": "auto"})[0] == "ok"
 
 
