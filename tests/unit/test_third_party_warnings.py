@@ -40,7 +40,9 @@ def test_other_warnings_stay_visible():
     assert _issued("something else entirely", FutureWarning, "megatron.core.dist_checkpointing.strategies.torch")
 
 
-def test_importing_the_trainer_prints_no_known_warning():
-    res = subprocess.run([sys.executable, "-c", "import megatron_tip.train"], capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
+def test_the_trainer_start_up_prints_no_known_warning():
+    # The trainer installs the filters at import; the megatron modules a run then imports warn at import.
+    code = ("import megatron_tip.train, megatron.core.optimizer, megatron.core.models.backends, "
+            "megatron.core.models.gpt.gpt_layer_specs")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr[-2000:]
