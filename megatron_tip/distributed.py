@@ -65,6 +65,24 @@ class ParallelContext:
         return self.pp_rank == self.pp - 1
 
 
+def from_last_stage(ctx: ParallelContext, value: Any) -> Any:
+    """Collective over the pipeline group: the last stage's ``value`` on every stage.
+
+    Only the last stage holds logits, so only it has selection metrics, the loss and graded
+    answers. ``value``: a tensor (same shape and dtype on every stage; filled in place and
+    returned) or any picklable object (the other stages' argument is ignored). PP=1: ``value``.
+    """
+    if ctx.pp == 1:
+        return value
+    src = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
+    if isinstance(value, torch.Tensor):
+        dist.broadcast(value, src=src, group=ctx.pp_group)
+        return value
+    box = [value if ctx.is_last_stage else None]
+    dist.broadcast_object_list(box, src=src, group=ctx.pp_group)
+    return box[0]
+
+
 def check_parallel_sizes(world_size: int, *, tp: int, pp: int, cp: int = 1) -> int:
     """Validate a layout and return the data-parallel size; ValueError names the numbers."""
     for name, v in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp)):

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-_SHOWN = ("loss", "kept_ratio", "rollout_accuracy", "frac_q3", "peak_memory_gb")
+_SHOWN = ("loss", "kept_ratio", "rollout_accuracy")
+_QUADRANTS = tuple(f"frac_q{i}" for i in range(1, 5))
 
 
 @dataclass
@@ -59,6 +60,39 @@ def rewind_metrics(path: Path, start_step: int) -> None:
     tmp.replace(path)
 
 
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows of a step: loss, kept ratio, rollout accuracy, the share of all
+    positions in each quadrant Q1/Q2/Q3/Q4 (percent) and peak memory."""
+    shown = {k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics}
+    if all(k in metrics for k in _QUADRANTS):
+        shown["Q1/2/3/4%"] = "/".join(f"{100 * metrics[k]:.0f}" for k in _QUADRANTS)
+    if "peak_memory_gb" in metrics:
+        shown["peak_gb"] = f"{metrics['peak_memory_gb']:.3g}"
+    return shown
+
+
+def final_report(summary: dict, path: Path) -> str:
+    """A few readable lines for the end of a run: steps, time, held-out before -> after, the files.
+
+    ``summary`` is what ``summary.json`` (at ``path``) holds; the JSON itself stays in the file.
+    """
+    minutes, seconds = divmod(int(summary.get("time_s", 0)), 60)
+    lines = [f"done: {summary.get('steps')} steps ({summary.get('skipped_steps', 0)} skipped), "
+             f"{minutes}m{seconds:02d}s in this invocation; final loss {summary.get('final', {}).get('loss', float('nan')):.4g}"]
+    ev = summary.get("eval", {})
+    names = sorted({m for d in ev.values() for m in d if m.startswith("eval_acc_")})
+    for m in names:
+        before, after = ev.get("before", {}).get(m), ev.get("after", {}).get(m)
+        cells = " -> ".join("?" if v is None else f"{100 * v:.1f}%" for v in (before, after))
+        n = int(ev.get("after", ev.get("before", {})).get("eval_n", 0))
+        tag = m.removeprefix("eval_acc_")
+        label = "greedy" if tag == "greedy" else f"sampled at T={tag[1:]}"
+        lines.append(f"held-out accuracy, {label} (n={n}): {cells}")
+    out = Path(summary.get("out_dir", path.parent))
+    lines.append(f"files: {path} (all numbers), {out / 'metrics.jsonl'}, {out / 'checkpoints'}")
+    return "\n".join(lines)
+
+
 class MetricsLogger:
     """A fresh run starts a new file; a resumed run continues it from the checkpoint's step.
 
@@ -100,8 +134,13 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
-        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics})
+        self.bar.set_postfix(progress_fields(metrics))
         self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """Print a line above the progress bar (a plain print would run into the bar's line)."""
+        if self.enabled:
+            tqdm.write(line)
 
     def close(self) -> None:
         if self.file:

@@ -1,13 +1,16 @@
-"""Stop requests from the scheduler: SIGTERM, SIGUSR1 and SIGINT end a run cleanly.
+"""Stop requests from the scheduler: SIGTERM, SIGUSR1, SIGHUP and SIGINT end a run cleanly.
 
 Slurm (``--signal``), Kubernetes and torchrun preempt with SIGTERM (Slurm's advance warning is
-often USR1); a user presses Ctrl-C (SIGINT). The handler only records the signal; after each step
-all ranks agree on it (one MAX all-reduce) and the run finishes that step, saves a checkpoint and
-exits with :data:`EXIT_PREEMPTED`, so a wrapper can requeue and ``run.resume=auto`` continues.
-A second SIGINT stops at once.
+often USR1); a user presses Ctrl-C (SIGINT) or loses the terminal or ssh session (SIGHUP). The
+handler only records the signal; after each step all ranks agree on it (one MAX all-reduce) and the
+run finishes that step, saves a checkpoint and exits with :data:`EXIT_PREEMPTED`, so a wrapper can
+requeue and ``run.resume=auto`` continues. A second SIGINT stops at once. After SIGHUP a terminal
+that was closed would fail every later write (EIO): its output goes to /dev/null instead (the run's
+files keep everything).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, Optional
@@ -16,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "temporary failure, try again" (requeue-friendly)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
 
 class StopRequest:
@@ -32,6 +35,8 @@ class StopRequest:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
+            if signum == signal.SIGHUP:
+                _detach_from_terminal()
             print(f"rank {self.rank}: received {signal.Signals(signum).name}: finishing this step, then "
                   f"saving a checkpoint", file=sys.stderr, flush=True)
 
@@ -45,3 +50,12 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout/stderr at /dev/null where they are a terminal (one that hung up fails writes)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(null, fd)
+    os.close(null)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tip.distributed import from_last_stage
 from megatron_tip.eval.heldout import count_correct, heldout_accuracy
 from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
@@ -224,12 +225,7 @@ class Trainer:
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """With PP>1 only the last stage scores and selects; its metrics go to every stage."""
-        if self.ctx.pp == 1:
-            return metrics
-        box = [metrics]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1),
-                                   group=self.ctx.pp_group)
-        return box[0]
+        return from_last_stage(self.ctx, metrics)
 
     def _skip(self, step: int, why: str) -> dict[str, float]:
         """Count a skipped step (every rank reaches this together) and say why once."""
@@ -247,12 +243,12 @@ class Trainer:
         stats keeps the logging path independent of the pipeline schedule's return values.
         """
         sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        if scored.stats is not None and mask is not None:
+        if self.ctx.is_last_stage and mask is not None:
             kl = scored.stats["reverse_kl"] if weights is None else scored.stats["reverse_kl"] * weights
             sums[0] = kl[mask].double().sum()
             sums[1] = mask.sum()
             dist.all_reduce(sums, group=self.ctx.dp_group)
-        dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # share the last stage's value with all ranks
+        from_last_stage(self.ctx, sums)
         return {"loss": float(sums[0] / sums[1]) if sums[1] > 0 else math.nan}
 
     def _dump_token_stats(self, step: int, st, valid, sel) -> None:

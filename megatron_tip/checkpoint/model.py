@@ -19,6 +19,7 @@ from megatron_tip.checkpoint.layout import (
     FORMAT, HF_DIR, META_FILE, MODEL_DIR, SPEC_FILE, check_output_dir, commit_dir, copy_hf_aux_files,
     is_hf_dir, read_checkpoint_info, temp_dir_for,
 )
+from megatron_tip.checkpoint.inprocess_save import save_strategy
 from megatron_tip.checkpoint.manifest import verify_checkpoint, write_manifest
 from megatron_tip.checkpoint.safe_load import verify_dist_checkpoint
 from megatron_tip.models.spec import ModelSpec
@@ -51,7 +52,8 @@ def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike
         (tmp / MODEL_DIR).mkdir(parents=True)
     _barrier()
     try:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
+        # Written by threads of this process (no forked writers to orphan or signal): inprocess_save.
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR), sharded_strategy=save_strategy())
         _barrier()
         if _rank() == 0:
             spec.save(tmp / SPEC_FILE)

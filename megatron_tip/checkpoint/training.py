@@ -38,7 +38,8 @@ from megatron_tip.validation import at_least, one_of
 RUN_FILE = "run.json"
 RESUME_MODES = ("false", "true", "auto")
 # Written by a run into its directory; removed when run.overwrite replaces the run.
-RUN_OUTPUTS = (RUN_FILE, CHECKPOINTS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.json")
+EVALS_FILE = "evals.json"  # held-out evaluations, written when each is computed (survive a resume)
+RUN_OUTPUTS = (RUN_FILE, CHECKPOINTS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.json", EVALS_FILE)
 # Config sections/keys that may change between invocations of one run (where and how it is
 # written, how it is evaluated); everything else is part of the run's identity.
 _VOLATILE = ("run", "log", "eval")
@@ -162,10 +163,12 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 
 
 def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bool]:
-    """Rank 0, before anything is written: decide fresh start vs resume and claim the directory.
+    """Rank 0, holding the run lock: decide fresh start vs resume. Writes nothing.
 
-    Returns (run record, resume?). Raises ValueError naming the problem when the directory holds
-    another run (fresh run without overwrite, or a resume whose config differs).
+    Returns (run record, resume?); a fresh run's record is written by :func:`claim_run_dir` only
+    once the run has started, so a start that fails (a bad path, a missing file) leaves the
+    directory as it was and the corrected command runs. Raises ValueError naming the problem when
+    the directory holds another run (fresh run without overwrite, or a resume whose config differs).
     """
     out = Path(cfg.out_dir)
     run_file = out / RUN_FILE
@@ -186,24 +189,44 @@ def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bo
         return record, has_ckpts
     if cfg.resume == "true":
         raise FileNotFoundError(f"run.resume=true but no complete checkpoint under {out / CHECKPOINTS_DIR}")
-    taken = [name for name in RUN_OUTPUTS if (out / name).exists()] if cfg.resume == "false" else []
+    taken = _taken(out) if cfg.resume == "false" else []
     if taken and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(taken)}): pass run.resume=auto to continue it, "
                          f"run.overwrite=true to replace it, or choose another run.out_dir")
-    for name in taken:
+    return {"run_id": uuid.uuid4().hex[:12], "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}, False
+
+
+def claim_run_dir(record: dict, cfg: RunDirConfig, *, resuming: bool) -> None:
+    """Rank 0, once the run has started (models built): make ``out_dir`` the run of ``record``.
+
+    A fresh run replaces what ``run.overwrite`` said to replace, drops incomplete checkpoints and
+    writes ``run.json``; a resumed run's directory is already its own.
+    """
+    out = Path(cfg.out_dir)
+    if resuming:
+        return
+    for name in _taken(out) if cfg.resume == "false" else []:  # prepare_run_dir refused these without overwrite
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    record = {"run_id": uuid.uuid4().hex[:12], "fingerprint": fingerprint,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
+    remove_incomplete_checkpoints(str(out))
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_file, record)
-    return record, False
+    _write_json_atomic(out / RUN_FILE, record)
+
+
+def _taken(out: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
 @reports_disk_full
 def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module, optimizer: Any,
-                             scheduler: Any, spec: ModelSpec, ctx: Any, hf_dir: str, run_id: str) -> Path:
-    """Collective: student weights (dist_checkpointing) + optimizer/scheduler + step, atomically."""
+                             scheduler: Any, spec: ModelSpec, ctx: Any, hf_dir: str, run_id: str,
+                             state: Optional[dict[str, Any]] = None) -> Path:
+    """Collective: student weights (dist_checkpointing) + optimizer/scheduler + step, atomically.
+
+    ``state``: more trainer counters for ``trainer_state.json`` (e.g. ``skipped_steps``), read back
+    with :func:`read_trainer_state`.
+    """
     final = step_dir(out_dir, step)
     save_megatron_checkpoint(model, final, spec=spec, tp=ctx.tp, pp=ctx.pp, hf_dir=hf_dir,
                              overwrite=True, extra_metadata={"step": step, "run_id": run_id})
@@ -216,8 +239,8 @@ def save_training_checkpoint(out_dir: str, step: int, *, model: torch.nn.Module,
         optimizer.save_parameter_state(str(_param_state_file(final, ctx)))  # collective over DP
     dist.barrier()
     if ctx.rank == 0:
-        _write_json_atomic(final / TRAINER_STATE, {"step": step, "world_size": ctx.world_size, "tp": ctx.tp,
-                                                   "pp": ctx.pp, "run_id": run_id})
+        _write_json_atomic(final / TRAINER_STATE, {**(state or {}), "step": step, "world_size": ctx.world_size,
+                                                   "tp": ctx.tp, "pp": ctx.pp, "run_id": run_id})
     dist.barrier()
     write_manifest(final, extend=True, collective=True)  # last act: the model part's manifest + the rest
     dist.barrier()
