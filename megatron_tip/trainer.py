@@ -100,8 +100,8 @@ class Trainer:
             "score_tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
             "train_tokens_per_s": n_tokens / max(t4 - t3, 1e-9),
             "peak_memory_gb": peak_memory_gb(self.ctx.device),
-            # positions each forward computes per response token (pad and prompt included; this rank)
-            "processed_per_valid_token": processed_tokens(scored.microbatches) / max(n_tokens, 1.0),
+            # positions each forward computes per real (prompt + response) position: 1 = no padding
+            "padding_factor": processed_tokens(scored.microbatches) / float(batch.lengths.sum()),
         })
         return metrics
 

@@ -8,8 +8,9 @@ Two views of the same tokens:
 - ``microbatches``: what the forwards actually run on. Fixed-rows mode (``max_tokens=0``) slices
   ``size`` rows at the full step width, in rollout order (the layout before token budgets).
   Token-budget mode sorts rollouts by length (longest first), fills each micro-batch with
-  consecutive rollouts while rows x its longest row <= ``max_tokens``, and trims it to its own
-  longest row, so few pad positions are computed. Each micro-batch maps back to the padded view
+  consecutive rollouts while rows x its longest row <= ``max_tokens`` (and its padding stays
+  within ``PAD_TOLERANCE``), and trims it to its own longest row, so few pad positions are
+  computed. Each micro-batch maps back to the padded view
   through ``rows`` (rollout indices) and its width (positions 0..s-1 of those rows).
 
 Trimmed bins are exact for any attention: every row keeps its own positions 0..len-1 and
@@ -60,22 +61,34 @@ def pad_rollouts(rollouts: list[Rollout], *, pad_id: int, seq_len: Optional[int]
                        valid=valid, position_ids=pos, lengths=lengths)
 
 
-def token_bins(lengths: list[int], *, max_tokens: int) -> list[list[int]]:
-    """Row indices per micro-batch: longest first, consecutive rows while rows x longest <= ``max_tokens``.
+# A bin takes the next (shorter) rollout only while its pad positions stay within this share of
+# its real ones: the step's processed/real positions is then <= 1 + PAD_TOLERANCE (issue #22's target).
+PAD_TOLERANCE = 0.05
 
-    Sorting makes each bin's rows nearly equal in length, so trimming a bin to its longest row
-    leaves little padding; ties keep rollout order (stable sort), so the layout is deterministic.
+
+def token_bins(lengths: list[int], *, max_tokens: int, pad_tolerance: float = PAD_TOLERANCE) -> list[list[int]]:
+    """Row indices per micro-batch: longest first, consecutive rows while rows x longest <= ``max_tokens``
+    and rows x longest <= (1 + ``pad_tolerance``) x the bin's real positions.
+
+    Sorting makes each bin's rows nearly equal in length; both conditions only tighten as a bin
+    takes shorter rows, so filling in order gives the fewest such bins. Ties keep rollout order
+    (stable sort), so the layout is deterministic.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
+    real = 0
     for i in order:
         if lengths[i] > max_tokens:
             raise ValueError(f"rollout {i} needs {lengths[i]} positions, more than "
                              f"train.max_tokens_per_microbatch={max_tokens}")
-        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= max_tokens:
-            bins[-1].append(i)
-        else:
-            bins.append([i])
+        if bins:
+            area = (len(bins[-1]) + 1) * lengths[bins[-1][0]]
+            if area <= max_tokens and area <= (1 + pad_tolerance) * (real + lengths[i]):
+                bins[-1].append(i)
+                real += lengths[i]
+                continue
+        bins.append([i])
+        real = lengths[i]
     return bins
 
 

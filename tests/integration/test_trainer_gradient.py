@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(300)
 GLOBAL_SEQS = 4  # sequences in the global batch (split over DP ranks)
 WIDTH = 12  # the padded view's width
 # Long-tailed lengths for the token-budget cases: 8 sequences of 5 to 41 tokens (each DP rank gets
-# a mix); with max_tokens_per_microbatch=72 (the least the config allows) a rank's micro-batches
-# are e.g. [1 x 39], [2 x 35] (rows of 35 and 4), [1 x 3]: rows and widths differ.
+# a mix); with max_tokens_per_microbatch=72 (the least the config allows) one rank's micro-batches
+# are [1 x 39], [2 x 36] (rows of 36 and 34 positions), [1 x 32], [2 x 7], [2 x 4]: rows and widths differ.
 MIXED = [(3, 37), (2, 3), (4, 31), (3, 2), (2, 35), (4, 4), (5, 3), (3, 30)]
 MIXED_WIDTH = 41
 BUDGET = {"train.max_tokens_per_microbatch": 72}

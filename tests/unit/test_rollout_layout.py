@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_tip.rollout.base import Rollout
-from megatron_tip.rollout.layout import microbatches, pad_rollouts, processed_tokens, token_bins
+from megatron_tip.rollout.layout import PAD_TOLERANCE, microbatches, pad_rollouts, processed_tokens, token_bins
 from tests.helpers.paths import REPO
 
 
@@ -24,12 +24,26 @@ def test_token_bins_are_length_sorted_consecutive_and_within_budget():
     assert sorted(flat) == list(range(len(lengths)))  # every rollout exactly once
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
     assert flat[:2] == [1, 3]  # ties keep rollout order
-    for b in bins:  # within budget, and no bin could have taken the next rollout
-        assert len(b) * lengths[b[0]] <= 45
-    for b, nxt in zip(bins, bins[1:]):
-        assert (len(b) + 1) * lengths[b[0]] > 45, (b, nxt)
+    def fits(rows):  # within budget and within the padding tolerance
+        area = len(rows) * max(lengths[i] for i in rows)
+        return area <= 45 and area <= (1 + PAD_TOLERANCE) * sum(lengths[i] for i in rows)
+
+    assert all(fits(b) for b in bins)
+    for b, nxt in zip(bins, bins[1:]):  # no bin could have taken the next rollout
+        assert not fits(b + nxt[:1]), (b, nxt)
+    assert [[lengths[i] for i in b] for b in bins] == [[40], [40], [22, 21], [9], [7], [5], [3]]
     with pytest.raises(ValueError, match="train.max_tokens_per_microbatch=30"):
         token_bins(lengths, max_tokens=30)
+
+
+def test_padding_stays_within_the_tolerance_on_a_long_tailed_mix():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.exp(5 + 0.6 * torch.randn(128, generator=g)).long().clamp(16, 1024).tolist()
+    lengths[:13] = [1024] * 13
+    bins = token_bins(lengths, max_tokens=8 * 1024)
+    processed = sum(len(b) * lengths[b[0]] for b in bins)
+    assert processed <= (1 + PAD_TOLERANCE) * sum(lengths)
+    assert len(bins) < len(lengths) // 2  # and bins still hold several rows on average
 
 
 @pytest.mark.parametrize("max_tokens", [0, 60, 200])
