@@ -60,6 +60,10 @@ class RunConfig:
         if self.teacher.recompute_granularity != "none":
             raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
                              "activations; activation recomputation applies to the student only")
+        longest = self.data.max_prompt_len + self.rollout.max_new_tokens
+        if 0 < self.train.max_tokens_per_microbatch < longest:  # one rollout must fit a micro-batch
+            raise ValueError(f"train.max_tokens_per_microbatch={self.train.max_tokens_per_microbatch} is smaller than "
+                             f"the longest allowed sequence data.max_prompt_len + rollout.max_new_tokens = {longest}")
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                              f"train.steps={self.train.steps} (for a short smoke test such as train.steps=1, "

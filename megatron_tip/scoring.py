@@ -14,7 +14,7 @@ import torch
 
 from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
 from megatron_tip.ops import vocab_parallel_token_stats
-from megatron_tip.rollout.packing import PackedBatch
+from megatron_tip.rollout.layout import PaddedBatch
 from megatron_tip.ops.compiled import IMPLS
 from megatron_tip.validation import at_least, one_of
 
@@ -51,10 +51,11 @@ class ScoringConfig:
 class ScoredBatch:
     """Everything the gradient pass needs from the scoring pass (last stage holds the stats)."""
 
-    packed: PackedBatch
-    microbatches: list[dict]
-    teacher_hidden: list[torch.Tensor]  # per micro-batch [S, b, H] (last stage; else empty)
-    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each (last stage; else None)
+    batch: PaddedBatch
+    microbatches: list[dict]  # the layout the forwards run on (``rollout.layout.microbatches``)
+    teacher_hidden: list[torch.Tensor]  # per micro-batch [s, b, H] (last stage; else empty)
+    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each in the padded view, 0 at unscored positions
+    # (last stage; else None)
 
 
 def final_hidden(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
@@ -73,7 +74,7 @@ def final_hidden(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
 
 def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs: torch.Tensor,
                 ht: torch.Tensor, *, cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Per-token stats [b, S] of one micro-batch from final hidden states hs/ht [S, b, H].
+    """Per-token stats [b, s] of one micro-batch from final hidden states hs/ht [s, b, H].
 
     Logits exist only ``cfg.score_chunk_tokens`` rows at a time.
     """
@@ -91,15 +92,21 @@ def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs
 
 
 @torch.no_grad()
-def score_batch(packed: PackedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: torch.nn.Module,
+def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: torch.nn.Module,
                 cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> ScoredBatch:
-    """Teacher hidden states (kept) and the student's token statistics for every position of ``packed``."""
+    """Teacher hidden states (kept) and the student's token statistics for every position of ``batch``.
+
+    Each micro-batch's stats [b, s] are scattered back to its rows and positions of the padded
+    [B, S] view (``mb["rows"]``, positions 0..s-1), so selection sees the same tensors in any layout.
+    """
     teacher_hidden = final_hidden(teacher, mbs)  # kept for the gradient pass
     student_hidden = final_hidden(student, mbs)  # dropped after scoring
-    rows = [token_stats(student, teacher, mb, hs, ht, cfg=cfg, vocab_size=vocab_size, tp_group=tp_group)
-            for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden)]
     stats = None
-    if rows:
-        b = packed.input_ids.shape[0]
-        stats = {k: torch.cat([r[k] for r in rows])[:b] for k in rows[0]}
-    return ScoredBatch(packed, mbs, teacher_hidden, stats)
+    for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden):
+        part = token_stats(student, teacher, mb, hs, ht, cfg=cfg, vocab_size=vocab_size, tp_group=tp_group)
+        if stats is None:
+            stats = {k: torch.zeros(batch.valid.shape, dtype=v.dtype, device=v.device) for k, v in part.items()}
+        rows, s = mb["rows"], mb["input_ids"].shape[1]
+        for k, v in part.items():
+            stats[k][rows, :s] = v[: rows.numel()]
+    return ScoredBatch(batch, mbs, teacher_hidden, stats)

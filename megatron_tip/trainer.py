@@ -23,7 +23,7 @@ from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
 from megatron_tip.models.forward import output_logits, output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
-from megatron_tip.rollout.packing import PackedBatch, microbatches, pack_rollouts
+from megatron_tip.rollout.layout import PaddedBatch, microbatches, pad_rollouts, processed_tokens
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
@@ -42,7 +42,10 @@ class TrainConfig:
 
     steps: int = 10
     prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
-    micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes
+    micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes (fixed-rows mode)
+    # > 0: micro-batches by token budget instead (rows x longest row <= this; length-sorted,
+    # each trimmed to its longest row; docs/packing.md); 0: micro_batch_size rows at the step's width
+    max_tokens_per_microbatch: int = 0
     seed: int = 1234
     max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
 
@@ -51,6 +54,7 @@ class TrainConfig:
         at_least("prompts_per_step", self.prompts_per_step, 1)
         at_least("micro_batch_size", self.micro_batch_size, 1)
         int_range("seed", self.seed, 0, 2**32 - 1)  # numpy (vLLM) takes 32-bit seeds; torch 64-bit
+        at_least("max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0)
         in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
@@ -66,9 +70,9 @@ class Trainer:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
         self.release_engine()
-        packed = pack_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
+        batch = pad_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
-        scored = self.score(packed)
+        scored = self.score(batch)
         t2 = time.perf_counter()
         if not self.all_finite(scored):  # NaN/inf anywhere skips the step on every rank
             return self._skip(step, "non-finite token statistics")
@@ -84,10 +88,10 @@ class Trainer:
         self.sync_weights()
         t5 = time.perf_counter()
 
-        metrics.update(self._rollout_metrics(prompts, rollouts, packed))
+        metrics.update(self._rollout_metrics(prompts, rollouts, batch))
         metrics.update(self._loss_from_stats(scored, sel.mask if sel is not None else None,
                                              weights=sel.weights if sel is not None else None))
-        n_tokens = float(packed.valid.sum())
+        n_tokens = float(batch.valid.sum())
         metrics.update({
             "step": step, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -98,6 +102,8 @@ class Trainer:
             "score_tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
             "train_tokens_per_s": n_tokens / max(t4 - t3, 1e-9),
             "peak_memory_gb": peak_memory_gb(self.ctx.device),
+            # positions each forward computes per real (prompt + response) position: 1 = no padding
+            "padding_factor": processed_tokens(scored.microbatches) / float(batch.lengths.sum()),
         })
         return metrics
 
@@ -120,16 +126,19 @@ class Trainer:
             sleep()
 
     # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
-    def score(self, packed: PackedBatch) -> ScoredBatch:
-        mbs = microbatches(packed, size=min(self.cfg.train.micro_batch_size, packed.input_ids.shape[0]))
-        return score_batch(packed, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
+    def score(self, batch: PaddedBatch) -> ScoredBatch:
+        """Token statistics of every position of ``batch``, on the step's micro-batch layout."""
+        tc = self.cfg.train
+        rows = min(tc.micro_batch_size, batch.input_ids.shape[0])  # never more rows than rollouts
+        mbs = microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch)
+        return score_batch(batch, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
                            vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
 
     def all_finite(self, scored: ScoredBatch) -> bool:
         """Whether every statistic the selection reads is finite (a vote of all ranks)."""
         bad = torch.zeros(1, device=self.ctx.device)
         if scored.stats is not None:
-            v = scored.packed.valid
+            v = scored.batch.valid
             bad[0] = float(any(not torch.isfinite(t[v]).all() for k, t in scored.stats.items()
                                if k != "target_logprob"))
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -141,7 +150,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         sel, metrics = None, {}
         if scored.stats is not None:
-            st, valid = scored.stats, scored.packed.valid
+            st, valid = scored.stats, scored.batch.valid
             sel = select_tokens(cfg.selection, norm_entropy=st["norm_entropy"], reverse_kl=st["reverse_kl"],
                                 forward_kl=st["forward_kl"], valid=valid, group=ctx.dp_group, step=step)
             metrics.update(sel.metrics)
@@ -160,9 +169,9 @@ class Trainer:
             if mask is None:  # non-last PP stage: no output layer here
                 index_of.append(None)
                 continue
-            m = torch.zeros_like(mb["valid"])
-            rows = mask[mb["rows"]]
-            m[: rows.shape[0]] = rows
+            m = torch.zeros_like(mb["valid"])  # [b, s]: this micro-batch's rows and positions
+            rows = mb["rows"]
+            m[: rows.numel()] = mask[rows, : m.shape[1]]
             index_of.append(m.nonzero(as_tuple=True))
         position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
 
@@ -215,10 +224,10 @@ class Trainer:
                                 ctx=self.ctx)
 
     # ---- metrics ------------------------------------------------------------------------------------------
-    def _rollout_metrics(self, prompts, rollouts, packed) -> dict[str, float]:
+    def _rollout_metrics(self, prompts, rollouts, batch) -> dict[str, float]:
         """Mean response length and grader accuracy over the global batch."""
         correct = count_correct(rollouts, [p.answer for p in prompts], tokenizer=self.p.tokenizer)
-        t = torch.tensor([float(correct), float(len(rollouts)), float(packed.valid.sum())],
+        t = torch.tensor([float(correct), float(len(rollouts)), float(batch.valid.sum())],
                          dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(t, group=self.ctx.dp_group)
         return {"rollout_accuracy": float(t[0] / t[1]), "response_len": float(t[2] / t[1])}

@@ -30,7 +30,7 @@ TOKENIZER = REPO / "examples" / "toy" / "models" / "tokenizer"
 
 def _measure(rank, world, args, root, rho):
     from megatron_tip.config import load_config
-    from megatron_tip.rollout.packing import pack_rollouts
+    from megatron_tip.rollout.layout import pad_rollouts
     from megatron_tip.distributed import init_parallel
     from megatron_tip.rollout.base import Rollout
     from megatron_tip.build import build
@@ -51,7 +51,7 @@ def _measure(rank, world, args, root, rho):
     rollouts = [Rollout(prompt_index=i, prompt_ids=torch.randint(4, args.vocab, (16,), generator=g).tolist(),
                         response_ids=torch.randint(4, args.vocab, (args.seq_len - 16,), generator=g).tolist())
                 for i in range(args.seqs)]
-    packed = pack_rollouts(rollouts, pad_id=setup.pad_id)
+    packed = pad_rollouts(rollouts, pad_id=setup.pad_id)
     times, peaks = [], {}
     for rep in range(args.repeats + 1):  # first run warms up (allocator, optimizer state)
         t0 = time.perf_counter()

@@ -77,9 +77,9 @@ def _measure(rank, world, args, root: Path, rho: float, fused: bool) -> dict:
             out = original(*a, **k)
             cpu[PHASES[name]] = cpu.get(PHASES[name], 0.0) + time.process_time() - c0
             if name == "score":
-                shapes["seq_len"] = int(out.packed.input_ids.shape[1])
-                shapes["rollouts"] = int(out.packed.input_ids.shape[0])
-                shapes["response_tokens"] = int(out.packed.valid.sum())
+                shapes["seq_len"] = int(out.batch.input_ids.shape[1])
+                shapes["rollouts"] = int(out.batch.input_ids.shape[0])
+                shapes["response_tokens"] = int(out.batch.valid.sum())
             if name == "rollout":
                 shapes["max_prompt"] = max(len(r.prompt_ids) for r in out[1])
             if mem is not None:

@@ -98,7 +98,8 @@ def run_microbatches(
     ``on_output(mb, output)`` runs on the last PP stage and returns megatron's per-token-loss
     triple (loss_sum, num_tokens, report). ``prepare(mb)`` wraps each micro-batch's forward
     (e.g. ``output_positions``). Returns the reports of the last stage ([] elsewhere).
-    All micro-batches must share one shape (the schedule sizes p2p buffers from the first).
+    Shapes may differ between micro-batches (token-budget layout): with PP>1 the schedule then
+    exchanges each activation's shape before it (megatron's ``variable_seq_lengths``).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -112,8 +113,17 @@ def run_microbatches(
             out = m(mb["input_ids"], mb["position_ids"], None)
         return out, lambda output: on_output(mb, output)
 
+    from megatron.core.utils import get_model_config
+
     b, s = microbatches[0]["input_ids"].shape
-    return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b,
-        forward_only=forward_only)
+    config = get_model_config(model)
+    varying = len({tuple(mb["input_ids"].shape) for mb in microbatches}) > 1
+    before = config.variable_seq_lengths
+    config.variable_seq_lengths = before or varying  # only PP>1 reads it (p2p shapes)
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+            num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b,
+            forward_only=forward_only)
+    finally:
+        config.variable_seq_lengths = before

@@ -58,5 +58,8 @@ def preflight(cfg: Any, ctx: Any, student_spec: Any, teacher_spec: Any) -> str:
     gpu = _local_device()
     inp = inputs_from_config(cfg, gpu=gpu or "cpu", world_size=ctx.world_size, student=student_spec,
                              teacher=teacher_spec, runtime=None if gpu else CPU_RUNTIME)
+    from megatron_tip.plan.tokens import format_tokens, plan_tokens
+
     inp = inp.with_(student_source=str(cfg.student.path), teacher_source=str(cfg.teacher.path))
-    return format_plan(inp, build_plan(inp), title="preflight")
+    tokens = format_tokens(plan_tokens(cfg, dp=inp.layout.dp))
+    return "\n".join([format_plan(inp, build_plan(inp), title="preflight"), ""] + tokens)

@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_tip.plan.inputs import split_overrides
     from megatron_tip.plan.memory import total_params
     from megatron_tip.plan.shapes import SHAPES
+    from megatron_tip.plan.tokens import format_tokens, parse_histogram, plan_tokens
 
     ap = argparse.ArgumentParser(prog="python -m megatron_tip.plan", description=__doc__)
     ap.add_argument("--config", help="the training YAML (the trainer's own)")
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="flash: Transformer Engine layer spec; unfused: megatron's local spec "
                          "(default: from student.transformer_impl; auto plans Transformer Engine)")
     ap.add_argument("--no-fused-adam", action="store_true", help="torch AdamW instead of TE/apex FusedAdam")
+    ap.add_argument("--mean-response-len", type=float, default=None,
+                    help="expected mean response length, for the tokens a step computes (default: 0.3 x cap)")
+    ap.add_argument("--response-histogram", default=None, metavar="LEN:SHARE,...",
+                    help="response-length histogram instead of a mean, e.g. 1024:0.6,4096:0.3,8192:0.1")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--list-shapes", action="store_true")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, as for training")
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         inp = inputs_from_config(cfg, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
                                  teacher_shape=shapes["teacher"], planner=planner,
                                  attention=args.attention, fused_adam=not args.no_fused_adam)
+        tokens = plan_tokens(cfg, dp=inp.layout.dp, mean_response=args.mean_response_len,
+                             histogram=parse_histogram(args.response_histogram) if args.response_histogram else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if "rollout.micro_batch_size" in planner:
         plan["notes"].append("rollout.micro_batch_size is a proposal the trainer does not read yet (the megatron "
                              "engine samples max(train.micro_batch_size, 8) sequences at a time)")
-    print(json.dumps(plan, indent=2) if args.json else format_plan(inp, plan, title=args.config))
+    plan["tokens"] = tokens.to_dict()
+    print(json.dumps(plan, indent=2) if args.json else
+          "\n".join([format_plan(inp, plan, title=args.config), ""] + format_tokens(tokens)))
     return 0
 
 

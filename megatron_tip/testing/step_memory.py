@@ -92,13 +92,13 @@ def overrides(case: Case, root: Path) -> list[str]:
 
 def _packed(case: Case, pad_id: int):
     from megatron_tip.rollout.base import Rollout
-    from megatron_tip.rollout.packing import pack_rollouts
+    from megatron_tip.rollout.layout import pad_rollouts
 
     g = torch.Generator().manual_seed(0)
     rollouts = [Rollout(prompt_index=i, prompt_ids=torch.randint(4, case.vocab, (case.prompt_len,), generator=g).tolist(),
                         response_ids=torch.randint(4, case.vocab, (case.response_len,), generator=g).tolist())
                 for i in range(case.rollouts)]
-    return pack_rollouts(rollouts, pad_id=pad_id)
+    return pad_rollouts(rollouts, pad_id=pad_id)
 
 
 def _step(trainer, packed, step: int, mem=None) -> dict[str, int]:

@@ -11,7 +11,8 @@ import torch
 def make_tiny_hf_model(out_dir: str | Path, *, tokenizer_dir: str | Path, family: str = "llama",
                        hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                        ffn: int = 128, seed: int = 0, tie: bool = False,
-                       vocab_size: Optional[int] = None, prompt_template: Optional[str] = None) -> Path:
+                       vocab_size: Optional[int] = None, prompt_template: Optional[str] = None,
+                       max_positions: int = 512) -> Path:
     """Save a random ``family`` (llama | qwen2 | qwen3) causal LM + the given tokenizer to ``out_dir``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -21,7 +22,7 @@ def make_tiny_hf_model(out_dir: str | Path, *, tokenizer_dir: str | Path, family
                           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
     cfg = cfg_cls(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=ffn,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+                  max_position_embeddings=max_positions, tie_word_embeddings=tie, rms_norm_eps=1e-6,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, head_dim=hidden // heads, torch_dtype="float32")
     torch.manual_seed(seed)

@@ -5,7 +5,9 @@ logits, reverse KL over the true vocabulary, mean over the kept set (the same ma
 the same per-token weights under inverse-inclusion weighting), autograd.
 The trainer path (scoring pass, kept-position output layer fused into the loss or applied before
 it, megatron per-token loss, DDP) must give the same loss and the same gradients at TP=1, TP=2,
-PP=2 and DP=2, for a tied and an untied student output layer.
+PP=2 and DP=2, for a tied and an untied student output layer; and the same again with token-budget
+micro-batches (``train.max_tokens_per_microbatch``) on rollouts whose lengths differ 10x, where
+micro-batches differ in rows and width (PP: p2p shapes exchanged per micro-batch).
 """
 import pytest
 import torch
@@ -16,14 +18,22 @@ from tests.helpers.trainer_cases import make_pair, make_student, overrides
 pytestmark = pytest.mark.timeout(300)
 
 GLOBAL_SEQS = 4  # sequences in the global batch (split over DP ranks)
+WIDTH = 12  # the padded view's width
+# Long-tailed lengths for the token-budget cases: 8 sequences of 5 to 41 tokens (each DP rank gets
+# a mix); with max_tokens_per_microbatch=72 (the least the config allows) one rank's micro-batches
+# are [1 x 39], [2 x 36] (rows of 36 and 34 positions), [1 x 32], [2 x 7], [2 x 4]: rows and widths differ.
+MIXED = [(3, 37), (2, 3), (4, 31), (3, 2), (2, 35), (4, 4), (5, 3), (3, 30)]
+MIXED_WIDTH = 41
+BUDGET = {"train.max_tokens_per_microbatch": 72}
 
 
-def _sequences(vocab: int) -> list[tuple[list[int], list[int]]]:
+def _sequences(vocab: int, mixed: bool = False) -> list[tuple[list[int], list[int]]]:
     g = torch.Generator().manual_seed(3)
     out = []
-    for i in range(GLOBAL_SEQS):
-        p = torch.randint(4, vocab, (3 + i,), generator=g).tolist()
-        r = torch.randint(4, vocab, (6 - i % 2,), generator=g).tolist()
+    lengths = MIXED if mixed else [(3 + i, 6 - i % 2) for i in range(GLOBAL_SEQS)]
+    for n_p, n_r in lengths:
+        p = torch.randint(4, vocab, (n_p,), generator=g).tolist()
+        r = torch.randint(4, vocab, (n_r,), generator=g).tolist()
         out.append((p, r))
     return out
 
@@ -32,7 +42,7 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     import torch.distributed as dist
 
     from megatron_tip.config import load_config
-    from megatron_tip.rollout.packing import pack_rollouts
+    from megatron_tip.rollout.layout import pad_rollouts
     from megatron_tip.distributed import init_parallel
     from megatron_tip.models.sharding import gather_canonical_state_dict, layer_offset
     from megatron_tip.rollout.base import Rollout
@@ -40,16 +50,18 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     from megatron_tip.selection import select_tokens
     from megatron_tip.trainer import Trainer
 
+    mixed = "train.max_tokens_per_microbatch" in selection
     cfg = load_config(None, overrides(root, teacher, student, **selection))
     ctx = init_parallel(tp, pp=pp)
     setup = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
-    seqs = _sequences(setup.vocab_size)
-    per = GLOBAL_SEQS // ctx.dp
+    seqs = _sequences(setup.vocab_size, mixed)
+    per = len(seqs) // ctx.dp
     mine = seqs[ctx.dp_rank * per:(ctx.dp_rank + 1) * per]
     rollouts = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r) for i, (p, r) in enumerate(mine)]
-    packed = pack_rollouts(rollouts, pad_id=setup.pad_id, seq_len=12)
+    packed = pad_rollouts(rollouts, pad_id=setup.pad_id, seq_len=MIXED_WIDTH if mixed else WIDTH)
     scored = trainer.score(packed)
+    shapes = [tuple(mb["input_ids"].shape) for mb in scored.microbatches]
     st = scored.stats  # None on earlier pipeline stages: only the last stage holds logits
     mask = weights = None
     if st is not None:
@@ -63,16 +75,17 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
         setup.student.module, tp_group=ctx.tp_group, vocab_size=setup.student_spec.vocab_size, tensors=grads,
         layer_offset=layer_offset(setup.student_spec.num_layers, pp=pp, pp_rank=ctx.pp_rank))
     if st is None:
-        return loss, canon, None, setup.vocab_size, None
+        return loss, canon, None, setup.vocab_size, None, shapes
     masks = [torch.zeros_like(mask) for _ in range(ctx.dp)]
     dist.all_gather(masks, mask.contiguous(), group=ctx.dp_group)
     w = (weights if weights is not None else mask.float()).contiguous()
     ws = [torch.zeros_like(w) for _ in range(ctx.dp)]
     dist.all_gather(ws, w, group=ctx.dp_group)
-    return loss, canon, (torch.cat(masks), torch.cat(ws)), setup.vocab_size, (st["reverse_kl"], packed.valid)
+    return (loss, canon, (torch.cat(masks), torch.cat(ws)), setup.vocab_size, (st["reverse_kl"], packed.valid),
+            shapes)
 
 
-def _reference(teacher, student, mask, weights, vocab):
+def _reference(teacher, student, mask, weights, vocab, mixed=False):
     from transformers import AutoModelForCausalLM
 
     from megatron_tip.models.hf.families import spec_from_hf_config
@@ -80,8 +93,8 @@ def _reference(teacher, student, mask, weights, vocab):
 
     s = AutoModelForCausalLM.from_pretrained(student, torch_dtype=torch.float64)
     t = AutoModelForCausalLM.from_pretrained(teacher, torch_dtype=torch.float64)
-    seqs = _sequences(vocab)
-    ids = torch.zeros(GLOBAL_SEQS, 12, dtype=torch.long)
+    seqs = _sequences(vocab, mixed)
+    ids = torch.zeros(len(seqs), MIXED_WIDTH if mixed else WIDTH, dtype=torch.long)
     for i, (p, r) in enumerate(seqs):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
     ls = s(ids).logits[..., :vocab]
@@ -118,6 +131,13 @@ def pair(tmp_path_factory):
             "scoring.fused_chunk_size": 3}),  # the fused op's logits 3 rows at a time (several chunks)
     (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
                 "student.recompute_granularity": "selective"}),
+    # token-budget micro-batches on long-tailed lengths (issue #22): TP=2, PP=2, DP=2, tied and untied
+    (2, 2, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5, **BUDGET}),
+    (1, "pp2", {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3, **BUDGET}),
+    (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5,
+            "selection.weighting": "inverse_inclusion", "untied": True, **BUDGET}),
+    (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+                "scoring.fused_output_layer": False, "untied": True, **BUDGET}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student, untied = pair
@@ -128,14 +148,17 @@ def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     world = 2 if world == "pp2" else world
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
     # Rank 0 holds the first rows of the global batch; with PP=2 its last stage is rank 1.
-    loss, _, (mask, weights), vocab, (rkl_local, valid_local) = results[pp - 1]
+    mixed = "train.max_tokens_per_microbatch" in selection
+    loss, _, (mask, weights), vocab, (rkl_local, valid_local), shapes = results[pp - 1]
+    if mixed:  # the budget layout is in use: micro-batches of different shapes, none over the budget
+        assert len(set(shapes)) > 1 and all(b * s <= 72 for b, s in shapes), shapes
     grads = {}
     for r in results:  # pipeline stages hold disjoint layers
         grads.update(r[1])
     assert 0 < mask.sum() < mask.numel()
     if selection.get("selection.weighting") == "inverse_inclusion":
         assert not torch.equal(weights[mask], torch.ones_like(weights[mask]))  # the weights do something
-    ref_loss, ref_grads, ref_rkl = _reference(teacher, student, mask, weights, vocab)
+    ref_loss, ref_grads, ref_rkl = _reference(teacher, student, mask, weights, vocab, mixed)
     assert abs(loss - ref_loss) < 1e-6 * max(1.0, ref_loss), (loss, ref_loss)
     for r in results:
         assert abs(r[0] - loss) < 1e-12, "ranks disagree on the loss"

@@ -64,6 +64,10 @@ def test_prompt_order_is_deterministic_and_covers_epochs(tmp_path):
     ("train.micro_batch_size=0", "train.micro_batch_size=0: must be >= 1"),
     ("run.exit_interval=-1", "run.exit_interval=-1: must be >= 0"),
     ("scoring.fused_chunk_size=0", "scoring.fused_chunk_size=0: must be >= 1"),
+    ("train.max_tokens_per_microbatch=-1", "train.max_tokens_per_microbatch=-1: must be >= 0"),
+    # defaults: data.max_prompt_len 2048 + rollout.max_new_tokens 64
+    ("train.max_tokens_per_microbatch=2111", "train.max_tokens_per_microbatch=2111 is smaller than the longest "
+                                             "allowed sequence data.max_prompt_len + rollout.max_new_tokens = 2112"),
 ])
 def test_new_fields_are_validated_at_load(override, match):
     with pytest.raises(ValueError, match=re.escape(match)):
