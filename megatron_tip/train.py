@@ -103,8 +103,7 @@ def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest, cleanup: con
     if ctx.rank == 0 and cfg.log.preflight:
         _preflight(cfg, ctx)
     parts = build(cfg, ctx)
-    if hasattr(parts.engine, "close"):  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
-        cleanup.callback(parts.engine.close)
+    cleanup.callback(parts.engine.close)  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
     checkpoint = dict(model=parts.student.module, optimizer=parts.optimizer, scheduler=parts.scheduler,
                       spec=parts.student_spec, ctx=ctx)
     start = resume_training(str(out), **checkpoint) if resuming else 0

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tip.models.forward import output_positions, run_microbatches
-from megatron_tip.rollout.base import Rollout, SamplingParams
+from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
 from megatron_tip.seeding import derive_seed
 
 
@@ -36,7 +36,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
-class MegatronEngine:
+class MegatronEngine(EngineBase):
     """Rollout engine over a (possibly TP/PP-sharded) megatron GPTModel stage."""
 
     shares_training_weights = True  # samples with the training model itself: nothing to sync
