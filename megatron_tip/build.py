@@ -117,7 +117,7 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
     engine = build_engine(cfg.rollout, model=student, ctx=ctx, vocab_size=vocab_size, pad_id=pad_id,
                           hf_dir=cfg.student.path, dtype=cfg.student.dtype,
                           max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
-                          seed=cfg.train.seed, micro_batch_size=max(cfg.train.micro_batch_size, 8))
+                          seed=cfg.train.seed, micro_batch_size=cfg.rollout.micro_batch_size or None)
     return Built(tokenizer=tokenizer, student_spec=student_spec, teacher_spec=teacher_spec, vocab_size=vocab_size,
                  pad_id=pad_id, stop_ids=stop_ids, teacher=teacher, student=student, optimizer=optimizer,
                  scheduler=scheduler, engine=engine, dataset=prompts(cfg.data.prompts), encode=encode,

@@ -119,8 +119,7 @@ def _train(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest, cleanup: con
     if ctx.rank == 0 and cfg.log.preflight:
         _preflight(cfg, ctx)
     parts = build(cfg, ctx)
-    if hasattr(parts.engine, "close"):  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
-        cleanup.callback(parts.engine.close)
+    cleanup.callback(parts.engine.close)  # vLLM: shut down before destroy_parallel, or it tracebacks at exit
     if ctx.rank == 0:  # the run has started: only now is out_dir claimed (a failed start leaves it as it was)
         claim_run_dir(record, cfg.run, resuming=resuming)
     checkpoint = dict(model=parts.student.module, optimizer=parts.optimizer, scheduler=parts.scheduler,

@@ -69,7 +69,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         prompts, rollouts = self.rollout(step)
-        self.release_engine()
+        self.sleep_engine()
         batch = pad_rollouts(rollouts, pad_id=self.p.pad_id, device=self.ctx.device)
         t1 = time.perf_counter()
         scored = self.score(batch)
@@ -118,12 +118,10 @@ class Trainer:
                                       stop_token_ids=self.p.stop_ids)
         return mine, self.p.engine.generate([p.ids for p in mine], params)
 
-    def release_engine(self) -> None:
-        """vLLM sleep mode (rollout.vllm_sleep_level): free the engine's memory while megatron scores
-        and trains; ``sync_weights`` wakes it. Engines without sleep need nothing."""
-        sleep = getattr(self.p.engine, "sleep", None)
-        if sleep is not None:
-            sleep()
+    def sleep_engine(self) -> None:
+        """Let the rollout engine free its memory while megatron scores and trains (vLLM sleep mode,
+        rollout.vllm_sleep_level; a no-op for the other engines); ``sync_weights`` wakes it."""
+        self.p.engine.sleep()
 
     # ---- 2. teacher + student scoring (no grad) ---------------------------------------------------
     def score(self, batch: PaddedBatch) -> ScoredBatch:

@@ -3,19 +3,21 @@
 megatron-core 0.16 assumes CUDA in a handful of spots that have nothing to do with the math.
 ``apply_cpu_shims()`` patches exactly those, once, and only when ``torch.cuda.is_available()``
 is False; on a GPU box it does nothing. Each shim names the megatron call that needs it and
-has a test in tests/test_compat_cpu.py.
+has a test in tests/integration/test_compat_cpu.py.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
-from typing import Any
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
-_MODE: "CudaToCpuMode | None" = None
 
 
 # --- 1. RNG tracker ---------------------------------------------------------------------------
@@ -93,9 +95,14 @@ def _shim_cuda_device_calls() -> None:
 
 
 # --- 3. literal device="cuda" -----------------------------------------------------------------
-# pipeline_parallel/schedules.py (~60 sites), optimizer.py, clip_grads.py and dist_checkpointing
-# create tensors with device="cuda" or call .cuda(). A TorchFunctionMode rewrites the device
-# argument of every torch function call (factories, .to, .cuda) to CPU.
+# pipeline_parallel/schedules.py, p2p_communication.py, the optimizers, clip_grads.py, grad_scaler.py,
+# DDP's param_and_grad_buffer.py and dist_checkpointing create tensors with device="cuda" or call
+# .cuda(). A TorchFunctionMode rewrites the device argument of every torch call (factories, .to,
+# .cuda) to CPU. It costs a Python call per torch op (measured: ~66k calls, 0.6 s of a 1.3 s toy
+# rollout when it was process-wide), so it is entered only while one of those modules' functions
+# runs: their functions and methods are wrapped once, at start-up (``_CUDA_LITERAL_MODULES``).
+# The model forward/backward (layers, attention, RoPE) only reads torch.cuda.current_device(),
+# which shim 2 answers, and runs without the mode.
 def _is_cuda_device(d: Any) -> bool:
     if isinstance(d, torch.device):
         return d.type == "cuda"
@@ -116,6 +123,99 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_DEPTH = threading.local()  # nesting depth of cuda_to_cpu() in this thread: enter the mode once
+
+
+@contextlib.contextmanager
+def cuda_to_cpu() -> Iterator[None]:
+    """While active, CUDA device arguments of torch calls land on the CPU (re-entrant, per thread)."""
+    depth = getattr(_DEPTH, "n", 0)
+    _DEPTH.n = depth + 1
+    try:
+        if depth:
+            yield
+        else:
+            with CudaToCpuMode():
+                yield
+    finally:
+        _DEPTH.n = depth
+
+
+# megatron-core modules whose own functions create tensors with a literal CUDA device (all their
+# functions and methods are wrapped), and single functions of modules the forward path also uses.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.serialization",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.data",
+)
+_CUDA_LITERAL_FUNCTIONS = (
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer"),  # PP>1 with tied embeddings: weight.data.cuda()
+    ("megatron.core.utils", None, "local_multi_tensor_l2_norm"),
+    ("megatron.core.utils", None, "check_param_hashes_across_dp_replicas"),
+)
+
+
+def _in_cpu_mode(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_DEPTH, "n", 0):
+            return fn(*args, **kwargs)
+        with cuda_to_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped_for_cpu__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _shim_cuda_literals() -> None:
+    """Wrap every function and method defined in ``_CUDA_LITERAL_MODULES`` so it runs under the mode.
+
+    ``from x import f`` copies of a wrapped function in other loaded megatron modules are replaced
+    too (e.g. ``dist_checkpointing.save`` re-exports ``serialization.save``).
+    """
+    import importlib
+    import sys
+
+    wrapped: dict[int, Callable] = {}
+    for name in _CUDA_LITERAL_MODULES:
+        mod = importlib.import_module(name)
+        for attr, obj in list(vars(mod).items()):
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isfunction(obj) and not getattr(obj, "__wrapped_for_cpu__", False):
+                wrapped[id(obj)] = _in_cpu_mode(obj)
+                setattr(mod, attr, wrapped[id(obj)])
+            elif inspect.isclass(obj):
+                for meth, fn in list(vars(obj).items()):
+                    if inspect.isfunction(fn) and (not meth.startswith("__") or meth == "__init__"):
+                        setattr(obj, meth, _in_cpu_mode(fn))
+    for name, cls, attr in _CUDA_LITERAL_FUNCTIONS:
+        owner = importlib.import_module(name)
+        owner = getattr(owner, cls) if cls else owner
+        fn = vars(owner)[attr]
+        if not getattr(fn, "__wrapped_for_cpu__", False):
+            wrapped[id(fn)] = _in_cpu_mode(fn)
+            setattr(owner, attr, wrapped[id(fn)])
+    originals = {id(fn.__wrapped__): fn for fn in wrapped.values()}
+    for mod in list(sys.modules.values()):
+        if not getattr(mod, "__name__", "").startswith("megatron."):
+            continue
+        for attr, obj in list(vars(mod).items()):
+            if inspect.isfunction(obj) and id(obj) in originals:
+                setattr(mod, attr, originals[id(obj)])
 
 
 # --- 4. gradient clipping -----------------------------------------------------------------------
@@ -139,11 +239,11 @@ def _shim_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
 
 
-# --- 5. causal mask built during activation recomputation -----------------------------------------
-# transformer/utils.get_default_causal_mask builds the mask with device="cuda". In a plain forward
-# the device mode above rewrites it; when activation recomputation re-runs a layer inside
-# CheckpointFunction.backward the mode is not on the stack, so the literal reaches CUDA. Same
-# mask (cached per length), built on the CPU; fused_softmax imported the name, so patch both.
+# --- 5. causal mask ---------------------------------------------------------------------------------
+# transformer/utils.get_default_causal_mask builds the mask with device="cuda" inside the forward
+# (and inside CheckpointFunction.backward when activation recomputation re-runs a layer), where the
+# device mode of shim 3 is not active. Same mask (cached per length), built on the CPU;
+# fused_softmax imported the name, so patch both.
 def _shim_causal_mask() -> None:
     import functools
 
@@ -163,7 +263,7 @@ def apply_cpu_shims() -> bool:
 
     Does nothing (returns False) when CUDA is available, so GPU runs use megatron unchanged.
     """
-    global _APPLIED, _MODE
+    global _APPLIED
     if torch.cuda.is_available():
         return False
     if _APPLIED:
@@ -172,8 +272,7 @@ def apply_cpu_shims() -> bool:
     _shim_cuda_device_calls()
     _shim_grad_clipping()
     _shim_causal_mask()
-    _MODE = CudaToCpuMode()
-    _MODE.__enter__()  # process-wide for the rest of the run
+    _shim_cuda_literals()
     _APPLIED = True
     return True
 

@@ -6,11 +6,13 @@ never raises: one odd completion must not crash an evaluation of thousands.
 from __future__ import annotations
 
 import logging
+import re
 from functools import lru_cache
 
 logger = logging.getLogger(__name__)
 
 _BOXED = ("\\boxed", "\\fbox")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -59,6 +61,8 @@ def is_equiv(pred: str | None, gold: str, *, timeout_seconds: int = 5, string_ma
         return False
     if string_match and pred.strip() == gold.strip():
         return True
+    if _INTEGER.fullmatch(pred.strip()) and _INTEGER.fullmatch(gold.strip()):
+        return int(pred) == int(gold)  # what math-verify decides for two integers, ~1000x faster
     try:
         from math_verify import verify
 

@@ -7,8 +7,9 @@
 - ``output_weight``: the output layer's weight shard (the word embedding when tied).
 - ``capture_hidden``: keep the final hidden states that enter the output layer (teacher pass 1:
   hidden [S, B, H] is ~V/H times smaller than logits, and logits are recomputed from it).
-- ``run_microbatches``: one call for PP=1 and PP>1 through megatron's own schedule; the
-  callback runs on the last pipeline stage with that micro-batch's model output.
+- ``run_microbatches``: one call for PP=1 (a direct loop with the schedule's per-token-loss
+  contract) and PP>1 (megatron's own schedule); the callback runs on the last pipeline stage
+  with that micro-batch's model output.
 """
 from __future__ import annotations
 
@@ -101,10 +102,13 @@ def run_microbatches(
     Shapes may differ between micro-batches (token-budget layout): with PP>1 the schedule then
     exchanges each activation's shape before it (megatron's ``variable_seq_lengths``).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     if not microbatches:
         return []
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return _run_without_pipeline(model, microbatches, on_output, forward_only=forward_only, prepare=prepare)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def step(data_iter, m):
         mb = next(data_iter)
@@ -127,3 +131,38 @@ def run_microbatches(
             forward_only=forward_only)
     finally:
         config.variable_seq_lengths = before
+
+
+def _run_without_pipeline(model, microbatches, on_output, *, forward_only: bool, prepare) -> list[dict]:
+    """PP=1: what megatron's ``forward_backward_no_pipelining`` does for a per-token loss, minus its
+    per-call overhead (at toy sizes the schedule and its CPU device shim cost more than the model).
+
+    Same contract: every micro-batch's loss sum is backpropagated as is (no division), gradient
+    sync is deferred (``no_sync``) until the last micro-batch, and ``finalize_model_grads`` gets the
+    summed token count, so gradients are divided by the global kept count exactly as before.
+    """
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    no_sync = config.no_sync_func or contextlib.nullcontext
+    device = microbatches[0]["input_ids"].device
+    total_tokens = torch.zeros([], dtype=torch.int, device=device)
+    reports: list[dict] = []
+    last = len(microbatches) - 1
+    grad_ctx = contextlib.nullcontext() if not forward_only else torch.no_grad()
+    with grad_ctx:
+        for i, mb in enumerate(microbatches):
+            with no_sync() if i < last else contextlib.nullcontext():
+                with prepare(mb) if prepare is not None else contextlib.nullcontext():
+                    out = model(mb["input_ids"], mb["position_ids"], None)
+                loss, num_tokens, report = on_output(mb, out)
+                total_tokens += num_tokens
+                reports.append(report)
+                if not forward_only:
+                    if config.grad_scale_func is not None:
+                        loss = config.grad_scale_func(loss)
+                    if loss.requires_grad:
+                        torch.autograd.backward(loss)
+    if not forward_only and config.finalize_model_grads_func is not None:
+        config.finalize_model_grads_func([model], total_tokens if config.calculate_per_token_loss else None)
+    return reports

@@ -4,7 +4,7 @@ Engines import their heavy dependencies lazily, so this package imports without 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from megatron_tip.rollout.base import (FIXED_SAMPLING, Rollout, RolloutEngine, SamplingParams, sampling_settings,
                                        stop_token_ids)
@@ -34,10 +34,12 @@ def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:
 
 
 def build_engine(cfg: RolloutConfig, *, model: Any, ctx: Any, vocab_size: int, pad_id: int,
-                 hf_dir: str, dtype: str, max_model_len: int, seed: int, micro_batch_size: int) -> RolloutEngine:
+                 hf_dir: str, dtype: str, max_model_len: int, seed: int,
+                 micro_batch_size: Optional[int] = None) -> RolloutEngine:
     """The rollout engine ``cfg.engine`` for this rank.
 
-    megatron: samples with the student ``model`` itself (any TP/PP). vllm: one colocated engine
+    megatron: samples with the student ``model`` itself (any TP/PP), ``micro_batch_size`` rollouts per
+    decode batch (None: all rollouts of a call at once). vllm: one colocated engine
     per rank started from the student's HF dir ``hf_dir`` (external launcher, PP=1), sampling
     only ids below ``vocab_size``, sleeping between rollouts at ``cfg.vllm_sleep_level``.
     """

@@ -69,7 +69,10 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
-    """What the trainer needs from a rollout engine."""
+    """What the trainer needs from a rollout engine (every engine has all of it; see :class:`EngineBase`)."""
+
+    #: True when the engine samples with the training model's own parameters (nothing to sync).
+    shares_training_weights: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """Sample ``params.n`` responses for each prompt (token ids, no padding).
@@ -81,3 +84,24 @@ class RolloutEngine(Protocol):
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the student's current weights (HF names, HF shapes, unpadded vocab)."""
         ...
+
+    def sleep(self) -> None:
+        """Free the engine's memory while megatron scores and trains; the next ``sync_weights`` wakes it."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (after the run's last collective); unusable afterwards."""
+        ...
+
+
+class EngineBase:
+    """Defaults for the parts of :class:`RolloutEngine` an engine may not need: a separate copy
+    of the weights, no sleep mode, nothing to shut down."""
+
+    shares_training_weights: bool = False
+
+    def sleep(self) -> None:
+        """No sleep mode: nothing to free."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""

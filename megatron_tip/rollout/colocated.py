@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from megatron_tip.rollout.base import Rollout, SamplingParams
+from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
 
 
 def check_layout(ctx) -> None:
@@ -49,7 +49,7 @@ def external_launcher_kwargs(ctx) -> dict:
     return {"tensor_parallel_size": ctx.tp, "distributed_executor_backend": "external_launcher"}
 
 
-class TPColocatedEngine:
+class TPColocatedEngine(EngineBase):
     """Builds one engine per rank with :func:`external_launcher_kwargs` and keeps TP ranks in step."""
 
     def __init__(self, make_engine: Callable[..., object], *, ctx) -> None:

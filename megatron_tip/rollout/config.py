@@ -16,6 +16,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # megatron engine: rollouts decoded together in one KV-cache batch; 0 = all of a step's rollouts
+    # on this rank at once (the planner reports the KV cache this takes; lower it when it does not fit)
+    micro_batch_size: int = 0
     vllm_gpu_memory_utilization: float = 0.4
     # vLLM sleep mode between rollouts and training (CUDA only; engine=vllm only): 0 off,
     # 1 offload weights to CPU + free the KV cache, 2 discard both (each step's sync reloads them)
@@ -27,6 +30,7 @@ class RolloutConfig:
         at_least("temperature", self.temperature, 0.0)
         in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         at_least("max_new_tokens", self.max_new_tokens, 1)
+        at_least("micro_batch_size", self.micro_batch_size, 0)
         in_range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, low_open=True)
         one_of("vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
         if self.temperature == 0 and self.samples_per_prompt > 1:

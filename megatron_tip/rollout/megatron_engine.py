@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tip.models.forward import output_positions, run_microbatches
-from megatron_tip.rollout.base import Rollout, SamplingParams
+from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
 from megatron_tip.seeding import derive_seed
 
 
@@ -36,18 +36,18 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
-class MegatronEngine:
+class MegatronEngine(EngineBase):
     """Rollout engine over a (possibly TP/PP-sharded) megatron GPTModel stage."""
 
     shares_training_weights = True  # samples with the training model itself: nothing to sync
 
     def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
-                 micro_batch_size: int = 16) -> None:
+                 micro_batch_size: Optional[int] = None) -> None:
         self.model = model
         self.ctx = ctx
         self.vocab_size = vocab_size
         self.pad_id = pad_id
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size  # rows per decode batch; None: all rows of a call
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """No-op: the engine samples with the training model's own parameters."""
@@ -56,9 +56,10 @@ class MegatronEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """Sample ``params.n`` responses per prompt; returns prompt-major rollouts."""
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        size = self.micro_batch_size or max(len(rows), 1)
         out: list[Rollout] = []
-        for start in range(0, len(rows), self.micro_batch_size):
-            out.extend(self._generate_rows(prompts, rows[start:start + self.micro_batch_size], params))
+        for start in range(0, len(rows), size):
+            out.extend(self._generate_rows(prompts, rows[start:start + size], params))
         return out
 
     def _last_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
@@ -134,10 +135,11 @@ class MegatronEngine:
             sampling = (t >= plens) & ~done & (t < ends)
             rows_now = sampling.nonzero()[:, 0]
             if rows_now.numel():
-                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in rows_now.tolist()], params)
+                live = rows_now.tolist()  # one host sync per position, not one per row
+                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in live], params)
                 ids[rows_now, t] = nxt
-                for k, r in enumerate(rows_now.tolist()):
-                    logprobs[r].append(float(chosen[k]))
+                for r, lp in zip(live, chosen.tolist()):
+                    logprobs[r].append(lp)
                 done[rows_now] |= torch.isin(nxt, stop)
             if bool((done | (t + 1 >= ends)).all()) or t + 1 == total:
                 break

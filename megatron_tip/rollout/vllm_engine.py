@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from megatron_tip.rollout.base import Rollout, SamplingParams
+from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
 from megatron_tip.seeding import derive_seed
 
 _CPU_ENV_DEFAULTS = {
@@ -81,7 +81,7 @@ def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
     return derive_seed(seed, prompt_index) % (2**31 - 1 - max(n, 1))
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """A :class:`~megatron_tip.rollout.base.RolloutEngine` backed by a colocated ``vllm.LLM``.
 
     Stops only on ``SamplingParams.stop_token_ids`` (``ignore_eos=True``), so the stopping rule is

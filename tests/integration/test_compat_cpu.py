@@ -51,17 +51,38 @@ def test_cuda_device_calls_land_on_cpu():
 
 
 def _literal_cuda(rank, world):
+    from megatron_tip.compat.cpu import cuda_to_cpu
+
     apply_cpu_shims()
-    a = torch.zeros(2, device="cuda")
-    b = torch.tensor([1.0], dtype=torch.float, device="cuda")
-    c = torch.ones(2).cuda()
-    d = torch.ones(2).to("cuda")
-    e = torch.empty(1, device=torch.device("cuda", 0))
+    with cuda_to_cpu():
+        a = torch.zeros(2, device="cuda")
+        b = torch.tensor([1.0], dtype=torch.float, device="cuda")
+        c = torch.ones(2).cuda()
+        d = torch.ones(2).to("cuda")
+        e = torch.empty(1, device=torch.device("cuda", 0))
     return [t.device.type for t in (a, b, c, d, e)]
 
 
 def test_literal_cuda_device_maps_to_cpu():
     assert run_distributed(_literal_cuda, 1)[0] == ["cpu"] * 5
+
+
+def _mode_only_inside_megatron_cuda_sites(rank, world):
+    apply_cpu_shims()
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+
+    outside = torch._C._is_torch_function_mode_enabled()  # the model's own ops pay nothing
+    scaler = ConstantGradScaler(2.0)  # __init__: torch.tensor(..., device='cuda')
+    reexported = dist_checkpointing.save is serialization.save and hasattr(serialization.save, "__wrapped__")
+    return outside, scaler.scale.device.type, reexported, torch._C._is_torch_function_mode_enabled()
+
+
+def test_device_mode_is_entered_only_by_megatron_functions_with_cuda_literals():
+    outside, device, reexported, after = run_distributed(_mode_only_inside_megatron_cuda_sites, 1)[0]
+    assert not outside and not after
+    assert device == "cpu" and reexported
 
 
 def _clip(rank, world):
@@ -81,13 +102,11 @@ def test_grad_clipping_scales_cpu_grads():
 
 def _causal_mask_outside_the_mode(rank, world):
     apply_cpu_shims()
-    from torch.overrides import _pop_mode_temporarily
-
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
 
-    with _pop_mode_temporarily():  # as inside CheckpointFunction.backward: the device mode is off the stack
-        m = utils.get_default_causal_mask(4)
+    assert not torch._C._is_torch_function_mode_enabled()  # as in every forward (and its recomputation)
+    m = utils.get_default_causal_mask(4)
     return m, fused_softmax.get_default_causal_mask is utils.get_default_causal_mask
 
 

@@ -18,14 +18,14 @@ def pair(tmp_path_factory):
     return (root,) + make_pair(root)
 
 
-def _generate(rank, world, tp, pp, root, teacher, student, path):
+def _generate(rank, world, tp, pp, root, teacher, student, path, extra=()):
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
     from megatron_tip.rollout.base import SamplingParams
     from megatron_tip.build import build
 
     ctx = init_parallel(tp, pp=pp)
-    setup = build(load_config(None, overrides(root, teacher, student)), ctx)
+    setup = build(load_config(None, overrides(root, teacher, student) + list(extra)), ctx)
     eng = setup.engine
     if path == "recompute":
         eng._generate_rows = eng._generate_rows_recompute
@@ -74,3 +74,14 @@ def test_layouts_and_paths_agree(pair, tp, pp, path):
             if got[temp][0][3] is not None:  # log-probs live on the last stage
                 for a, b in zip(got[temp], ref[temp]):
                     torch.testing.assert_close(torch.tensor(a[3]), torch.tensor(b[3]), atol=1e-4, rtol=1e-4)
+
+
+def test_tokens_do_not_depend_on_the_rollout_batch(pair):
+    """rollout.micro_batch_size only splits the decode batch: per-row streams derive from the seed."""
+    root, teacher, student = pair
+    whole = run_distributed(_generate, 1, 1, 1, root, teacher, student, "kv")[0]  # default: all 6 rows at once
+    split = run_distributed(_generate, 1, 1, 1, root, teacher, student, "kv", ["rollout.micro_batch_size=4"])[0]
+    for temp in (0.0, 1.0):
+        assert [r[2] for r in split[temp]] == [r[2] for r in whole[temp]], temp
+        for a, b in zip(split[temp], whole[temp]):
+            torch.testing.assert_close(torch.tensor(a[3]), torch.tensor(b[3]), atol=1e-5, rtol=1e-5)

@@ -148,13 +148,13 @@ def test_a_micro_batch_never_holds_more_rows_than_there_are_rollouts(monkeypatch
     """train.micro_batch_size=100000 with 4 rollouts: 4-row micro-batches, not 100,000 padded rows."""
     import megatron_tip.trainer as trainer_mod
     from megatron_tip.rollout.base import Rollout
-    from megatron_tip.rollout.packing import pack_rollouts
+    from megatron_tip.rollout.layout import pad_rollouts
 
-    packed = pack_rollouts([Rollout(prompt_index=i, prompt_ids=[1, 2], response_ids=[3, 4, 5]) for i in range(4)],
+    packed = pad_rollouts([Rollout(prompt_index=i, prompt_ids=[1, 2], response_ids=[3, 4, 5]) for i in range(4)],
                            pad_id=0)
     seen = []
     monkeypatch.setattr(trainer_mod, "score_batch", lambda packed, mbs, **kw: seen.extend(mbs))
-    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=100_000), scoring=None),
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=100_000, max_tokens_per_microbatch=0), scoring=None),
                            p=SimpleNamespace(student=None, teacher=None, vocab_size=10), ctx=SimpleNamespace(tp_group=None))
     trainer_mod.Trainer.score(fake, packed)
     assert [mb["input_ids"].shape[0] for mb in seen] == [4]

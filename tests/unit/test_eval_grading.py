@@ -81,3 +81,12 @@ def test_aime_off_by_one_grades_wrong(name):
     assert not wrong, f"answer+1 graded correct for {wrong}"
     right = [r["answer"] for r in rows if grade(f"\\boxed{{{int(r['answer'])}}}", r["answer"], string_match=False)]
     assert len(right) == 30
+
+
+@pytest.mark.parametrize("pred,gold", [("834", "834"), ("0834", "834"), ("843", "834"), ("-5", "5"), ("-5", "-5"),
+                                       ("12", "120"), ("007", "7"), ("0", "-0"), ("1000000", "1000000")])
+def test_integer_fast_path_agrees_with_math_verify(pred, gold):
+    from math_verify import parse, verify
+
+    reference = bool(verify(parse(f"${gold}$"), parse(f"${pred}$")))
+    assert is_equiv(pred, gold) == reference

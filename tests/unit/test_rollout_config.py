@@ -74,3 +74,9 @@ def test_check_engine_before_models(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ValueError, match="requirements/cpu-vllm.txt"):
         check_engine(vllm_cfg, ctx=_ctx())
+
+
+def test_rollout_micro_batch_size_is_its_own_setting():
+    assert load_config(None, []).rollout.micro_batch_size == 0  # all rollouts of a step decode together
+    assert load_config(None, ["rollout.micro_batch_size=8", "train.micro_batch_size=2"]).rollout.micro_batch_size == 8
+    assert "micro_batch_size" in _error(["rollout.micro_batch_size=-1"])

@@ -1,0 +1,245 @@
+"""Our trainer vs Hugging Face TRL's GKDTrainer on the same toy work, side by side (issue #27).
+
+Both distil the toy teacher into the toy student (``examples/toy/models``) with the same work per
+step: the same 16 prompts (the prompt order of ``--config``, tiny_cpu.yaml by default) x 4 samples,
+48 new tokens at T=1.0 (top_p 1, no top-k), the exact reverse KL on the student's own samples,
+AdamW at lr 1e-4 (2 warm-up steps, then constant), gradient clipping 1.0, no weight decay.
+TRL: ``GKDTrainer`` with ``lmbda=1`` (fully on-policy), ``beta=1`` (reverse KL), ``temperature=1``,
+a batch of the 16 prompts each repeated 4 times; one TRL step is ``trainer.training_step`` (HF
+``generate`` + teacher/student forward + loss + backward) plus clipping, ``optimizer.step`` and
+the LR step, i.e. HF Trainer's inner loop without its dataloader. Ours: ``Trainer.train_step``
+(rollout, scoring, selection, gradient pass, optimizer, per-step metrics incl. grading the rollouts).
+
+Each framework runs in its own process with 1 thread; the parent interleaves them step by step
+(alternating which one goes first), so both see the same machine load. Printed: median step time
+and its rollout / non-rollout parts for each and the ratios TRL/ours (> 1: ours is faster), peak
+RSS of each process, wall time, and the held-out accuracy after the run (first ``--eval-limit``
+held-out prompts; T=1.0 mean@4 and greedy; TRL's student sampled with HF ``generate``, ours with
+its rollout engine; both graded by ``megatron_tip.eval.grading``).
+
+Needs TRL (``pip install -e .[bench]``, in a venv of its own: it must not replace the CPU torch):
+
+    OMP_NUM_THREADS=1 python tools/bench_vs_trl.py --steps 60 --selection all
+    OMP_NUM_THREADS=1 python tools/bench_vs_trl.py --steps 60 --selection soft_or
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECTIONS = {"all": ["selection.policy=all"], "soft_or": []}  # tiny_cpu.yaml's default: Soft-OR top 50%
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _ours(conn, config: str, overrides: list[str], steps: int, eval_limit: int) -> None:
+    _threads()
+    from megatron_tip.build import build
+    from megatron_tip.config import load_config
+    from megatron_tip.distributed import destroy_parallel, init_parallel
+    from megatron_tip.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [f"run.out_dir={tmp}/run", "log.tensorboard=false", f"train.steps={steps}",
+                                   f"eval.limit={eval_limit}", *overrides])
+        ctx = init_parallel(1, pp=1, seed=cfg.train.seed)
+        parts = build(cfg, ctx)
+        trainer = Trainer(cfg, ctx, parts)
+        heldout = parts.eval_dataset.prompts[:eval_limit]
+        conn.send({"steps": [[p.ids for p in parts.dataset.batch(s, size=cfg.train.prompts_per_step)]
+                             for s in range(steps)],
+                   "heldout": [(p.ids, p.answer) for p in heldout], "pad_id": parts.pad_id,
+                   "samples": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
+                   "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps, "clip": cfg.optim.clip_grad,
+                   "seed": cfg.train.seed, "temperature": cfg.rollout.temperature})
+        while (cmd := conn.recv())[0] == "step":
+            t0 = time.perf_counter()
+            m = trainer.train_step(cmd[1])
+            total = time.perf_counter() - t0
+            conn.send({"total": total, "rollout": m["time_rollout_s"], "loss": m.get("loss")})
+        t1 = trainer.evaluate(parts.eval_dataset, limit=eval_limit, samples=4, temperature=1.0)
+        greedy = trainer.evaluate(parts.eval_dataset, limit=eval_limit, temperature=0.0)
+        conn.send({"acc_t1": t1["eval_acc_T1"], "acc_greedy": greedy["eval_acc_greedy"], "rss": _peak_rss_mib()})
+        destroy_parallel()
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _hf_accuracy(model, tok, heldout, *, pad_id: int, max_new_tokens: int, samples: int, greedy: bool) -> float:
+    import torch
+
+    from megatron_tip.eval.grading import grade
+
+    ids, mask = _left_pad([p for p, _ in heldout], pad_id)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                                 num_return_sequences=samples)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=pad_id, **kw)
+    n = 1 if greedy else samples
+    correct = 0
+    for k, seq in enumerate(out[:, ids.shape[1]:].tolist()):
+        if tok.eos_token_id in seq:
+            seq = seq[:seq.index(tok.eos_token_id) + 1]
+        correct += grade(tok.decode(seq, skip_special_tokens=True), heldout[k // n][1])
+    return correct / len(out)
+
+
+def _trl(conn, student: str, teacher: str) -> None:
+    _threads()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    job = conn.recv()
+    torch.manual_seed(job["seed"])
+    tok = AutoTokenizer.from_pretrained(student)
+    s_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    t_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    n_steps, samples = len(job["steps"]), job["samples"]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GKDConfig(output_dir=tmp, per_device_train_batch_size=len(job["steps"][0]) * samples,
+                         learning_rate=job["lr"], lr_scheduler_type="constant_with_warmup",
+                         warmup_steps=job["warmup"], weight_decay=0.0, max_grad_norm=job["clip"],
+                         lmbda=1.0, beta=1.0, temperature=job["temperature"], max_new_tokens=job["max_new_tokens"],
+                         use_cpu=True, report_to="none", seed=job["seed"], save_strategy="no",
+                         logging_strategy="no", disable_dropout=True, bf16=False, fp16=False)
+        dummy = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]]})
+        trainer = GKDTrainer(model=s_model, teacher_model=t_model, args=args, train_dataset=dummy,
+                             processing_class=tok, data_collator=lambda rows: rows)
+        torch.set_num_threads(1)
+        trainer.create_optimizer_and_scheduler(num_training_steps=n_steps)
+        trainer.current_gradient_accumulation_steps = 1  # what HF Trainer's loop sets before training_step
+        generate = trainer.generate_on_policy_outputs
+        timing = {}
+
+        def timed_generate(*a, **k):
+            t = time.perf_counter()
+            try:
+                return generate(*a, **k)
+            finally:
+                timing["rollout"] = time.perf_counter() - t
+
+        trainer.generate_on_policy_outputs = timed_generate
+        model = trainer.model
+        conn.send("ready")
+        while (cmd := conn.recv())[0] == "step":
+            rows = [p for p in job["steps"][cmd[1]] for _ in range(samples)]  # prompt-major, as ours
+            t0 = time.perf_counter()
+            ids, mask = _left_pad(rows, job["pad_id"])
+            inputs = {"prompts": ids, "prompt_attention_mask": mask, "input_ids": ids, "attention_mask": mask,
+                      "labels": torch.full_like(ids, -100)}
+            loss = trainer.training_step(model, inputs)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job["clip"])
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            model.zero_grad(set_to_none=True)
+            total = time.perf_counter() - t0
+            conn.send({"total": total, "rollout": timing["rollout"], "loss": float(loss)})
+        heldout = job["heldout"]
+        kw = dict(pad_id=job["pad_id"], max_new_tokens=job["max_new_tokens"], samples=4)
+        conn.send({"acc_t1": _hf_accuracy(model, tok, heldout, greedy=False, **kw),
+                   "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib()})
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
+    ap.add_argument("--selection", choices=sorted(SELECTIONS), default="all",
+                    help="ours: all-token loss or the config's Soft-OR top 50%% (TRL: always all tokens)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=None, help="train.seed override (prompt order, sampling)")
+    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for our trainer")
+    args = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    models = ROOT / "examples/toy/models"
+    overrides = SELECTIONS[args.selection] + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    overrides += args.overrides
+    spawn = mp.get_context("spawn")
+    ours_c, ours_w = spawn.Pipe()
+    trl_c, trl_w = spawn.Pipe()
+    t_start = time.perf_counter()
+    procs = [spawn.Process(target=_ours, args=(ours_w, args.config, overrides, args.steps, args.eval_limit)),
+             spawn.Process(target=_trl, args=(trl_w, str(models / "student"), str(models / "teacher")))]
+    for p in procs:
+        p.start()
+    job = ours_c.recv()
+    trl_c.send(job)
+    assert trl_c.recv() == "ready"
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for step in range(args.steps):
+        order = [("ours", ours_c), ("trl", trl_c)][:: 1 if step % 2 == 0 else -1]
+        for name, conn in order:
+            conn.send(("step", step))
+            runs[name].append(conn.recv())
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"step {step}: ours {runs['ours'][-1]['total']:.2f} s (loss {runs['ours'][-1]['loss']:.4f}), "
+                  f"TRL {runs['trl'][-1]['total']:.2f} s (loss {runs['trl'][-1]['loss']:.4f})", flush=True)
+    final = {}
+    for name, conn in (("ours", ours_c), ("trl", trl_c)):
+        conn.send(("eval",))
+    for name, conn in (("ours", ours_c), ("trl", trl_c)):
+        final[name] = conn.recv()
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t_start
+
+    rows = {}
+    for name, steps in runs.items():
+        kept = steps[args.warmup:]
+        total = _med([s["total"] for s in kept])
+        roll = _med([s["rollout"] for s in kept])
+        rest = _med([s["total"] - s["rollout"] for s in kept])
+        rows[name] = {"step_s": total, "rollout_s": roll, "other_s": rest, **final[name]}
+    o, t = rows["ours"], rows["trl"]
+    print(f"\nbench_vs_trl: {args.steps} steps, selection={args.selection}, medians over steps "
+          f">= {args.warmup}, 1 thread each, interleaved; wall {wall:.0f} s for both")
+    print(f"{'':22}{'ours':>10}{'TRL':>10}{'TRL/ours':>10}")
+    for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)")):
+        print(f"{label:22}{o[key]:10.3f}{t[key]:10.3f}{t[key] / o[key]:10.2f}")
+    print(f"{'peak RSS (MiB)':22}{o['rss']:10.0f}{t['rss']:10.0f}")
+    print(f"{'held-out T=1 mean@4':22}{100 * o['acc_t1']:9.1f}%{100 * t['acc_t1']:9.1f}%")
+    print(f"{'held-out greedy':22}{100 * o['acc_greedy']:9.1f}%{100 * t['acc_greedy']:9.1f}%")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
