@@ -151,6 +151,6 @@ def test_planner_takes_the_ops_constants_and_row_bucket_from_ops():
     from megatron_tip.plan import memory
 
     assert memory.row_bucket is compiled.row_bucket
-    assert (memory.OPS_CHUNK_BYTES, memory.FUSED_CHUNK_BYTES) == (token_stats._CHUNK_BYTES,
-                                                                  fused_linear_rkl._FUSED_CHUNK_BYTES)
+    assert (memory.OPS_CHUNK_BYTES, memory.FUSED_CHUNK_BYTES) == (token_stats.STATS_CHUNK_BYTES,
+                                                                  fused_linear_rkl.FUSED_CHUNK_BYTES)
     assert not hasattr(memory, "_row_bucket")
