@@ -54,7 +54,7 @@ def pad_rollouts(rollouts: list[Rollout], *, pad_id: int, seq_len: Optional[int]
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
         p, m = len(r.prompt_ids), len(r.response_ids)
         valid[i, p - 1: p - 1 + m] = True  # logits at t predict token t+1
-    lengths = torch.tensor([max(len(s) - 1, 1) for s in seqs], dtype=torch.long)
+    lengths = torch.tensor([max(len(s) - 1, 1) for s in seqs], dtype=torch.long, device="cpu")  # host copy: bins are planned on the host
     ids, valid = ids.to(device), valid.to(device)
     pos = torch.arange(width, device=device).unsqueeze(0).expand(b, -1).contiguous()
     return PaddedBatch(input_ids=ids[:, :-1].contiguous(), target_ids=ids[:, 1:].contiguous(),
