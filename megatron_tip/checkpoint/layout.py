@@ -7,7 +7,8 @@ A megatron checkpoint directory (written by the converter and, per saved step, b
 <ckpt>/hf/                 config.json, generation_config.json, tokenizer files of the HF source
 <ckpt>/metadata.json       {"format", "tp", "pp", "params_dtype", "vocab_size", "source", ...}
 <ckpt>/optim_rank*.pt      trainer checkpoints only: per-rank optimizer + LR-scheduler state
-<ckpt>/trainer_state.json  trainer checkpoints only, written last: the checkpoint is complete
+<ckpt>/trainer_state.json  trainer checkpoints only: the checkpoint is complete
+<ckpt>/manifest.json       size + sha256 of every other file, written last (``checkpoint.manifest``)
 ```
 A run directory (``run.out_dir``):
 ```

@@ -61,7 +61,10 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
 def megatron_checkpoint_logits(megatron_dir: str, input_ids: torch.Tensor, *, tp: int = 1, pp: int = 1,
                                timeout: float = 600.0) -> torch.Tensor:
     """Logits of a megatron checkpoint dir loaded at TP x PP (spawns tp*pp gloo ranks)."""
+    from megatron_tip.checkpoint.model import check_integrity
     from megatron_tip.launch import run_distributed
+
+    check_integrity(megatron_dir, collective=False)  # one error line, before any rank starts
 
     def rank_fn(rank, world):
         from megatron_tip.checkpoint.model import load_megatron_checkpoint, read_checkpoint_info
@@ -71,7 +74,7 @@ def megatron_checkpoint_logits(megatron_dir: str, input_ids: torch.Tensor, *, tp
         spec, _ = read_checkpoint_info(megatron_dir)
         ctx = init_parallel(tp, pp=pp)
         model = build_gpt_model(spec, tp=tp, pp=pp, pp_rank=ctx.pp_rank)  # fp32 for comparison
-        load_megatron_checkpoint(model, megatron_dir)
+        load_megatron_checkpoint(model, megatron_dir, verify=False)
         out = megatron_logits(model, input_ids, tp_group=ctx.tp_group,
                               is_last_stage=ctx.is_last_stage, vocab_size=spec.vocab_size)
         return out if ctx.tp_rank == 0 else None

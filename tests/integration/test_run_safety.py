@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from megatron_tip.checkpoint.manifest import write_manifest
 from megatron_tip.launch import run_distributed
 from tests.helpers.paths import REPO
 from tests.helpers.trainer_cases import PROMPTS, make_pair, overrides
@@ -156,6 +157,7 @@ def test_planted_pickles_are_refused(pair, full, tmp_path):
     assert "optimizer" in genuine
     with open(ckpt / "optim_rank00000.pt", "wb") as f:
         pickle.dump({"optimizer": _Payload(marker)}, f)
+    write_manifest(ckpt)  # a consistent forgery: the manifest alone would only fall back to step 2
     code, _, err = cli(pair, out, **{"run.resume": "true"})
     assert code == 2 and not marker.exists()
     one_error_line(err, "refusing to load")
@@ -164,6 +166,7 @@ def test_planted_pickles_are_refused(pair, full, tmp_path):
     shutil.copytree(full / "checkpoints" / "step_000003", teacher)
     with open(teacher / "model" / ".metadata", "wb") as f:
         pickle.dump(_Payload(marker), f)
+    write_manifest(teacher)
     code, _, err = cli(pair, tmp_path / "t", **{"teacher.path": teacher})
     assert code == 2 and not marker.exists()
     one_error_line(err, ".metadata")
