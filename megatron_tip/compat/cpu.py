@@ -3,7 +3,7 @@
 megatron-core 0.16 assumes CUDA in a handful of spots that have nothing to do with the math.
 ``apply_cpu_shims()`` patches exactly those, once, and only when ``torch.cuda.is_available()``
 is False; on a GPU box it does nothing. Each shim names the megatron call that needs it and
-has a test in tests/test_compat_cpu.py.
+has a test in tests/integration/test_compat_cpu.py.
 """
 from __future__ import annotations
 
