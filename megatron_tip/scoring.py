@@ -3,7 +3,7 @@
 Memory: both decoders run without their output layers; logits are computed from the final hidden
 states ``score_chunk_tokens`` rows at a time and dropped after their statistics. Only the
 teacher's hidden states [S, b, H] are kept, for the gradient pass to recompute teacher logits
-at kept positions (docs/design_notes.md, "memory design of one step").
+at kept positions (docs/method.md, "Memory design of one step").
 """
 from __future__ import annotations
 

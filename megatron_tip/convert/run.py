@@ -98,7 +98,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def iter_model_canonical(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def model_canonical(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Canonical view (no copies) of a single-stage TP=1 model's parameters."""
     return {n: p.detach() for n, p in model.named_parameters()}
 
@@ -114,7 +114,7 @@ def _megatron_to_hf_rank(rank: int, world: int, megatron_dir: str, tmp: str, max
     model = build_gpt_model(spec, params_dtype=params_dtype)
     load_megatron_checkpoint(model, megatron_dir, verify=False)  # megatron_to_hf verified it
     total = sum(len(hf) for _, _, hf in all_names(spec))
-    stream = canonical_to_hf(iter_model_canonical(model), spec)
+    stream = canonical_to_hf(model_canonical(model), spec)
     return save_hf_safetensors(stream, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype,
                                progress=progress, total=total)
 

@@ -4,7 +4,7 @@ Two layer implementations, the two the builder can produce:
 
 - ``unfused``: megatron's local spec (torch RMSNorm, unfused ``DotProductAttention``). What runs
   on CPU and on a GPU without Transformer Engine. The counts below were read off the tensors
-  autograd saves in megatron-core 0.16.1 (tests/unit/test_plan_activations.py re-derives them
+  autograd saves in megatron-core 0.16.1 (tests/integration/test_plan_model_counts.py re-derives them
   from a built layer) and assume GQA (heads > KV heads: K and V are expanded to every head).
 - ``flash``: the Transformer Engine spec (fused LayerNorm+Linear, flash attention). Derived from
   what those kernels save (input and normalized input of each LayerNorm+Linear, the qkv output,
