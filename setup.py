@@ -25,6 +25,8 @@ EXTRAS = {
     # it pins torch==2.13.0 and transformers>=5.16.1,<5.20. CPU: requirements/cpu-vllm.txt (README).
     "vllm": ["vllm>=0.32,<0.33"],
     "te": ["transformer-engine[pytorch]>=2.0"],
+    # tools/bench_vs_trl.py only (TRL's GKDTrainer as the peer); 1.16 is the release it was measured with
+    "bench": ["trl>=1.16,<1.17"],
 }
 
 setup(
