@@ -152,6 +152,7 @@ def test_planted_pickles_are_refused(pair, full, tmp_path):
     marker = tmp_path / "PWNED"
     out = tmp_path / "planted"
     shutil.copytree(full, out)
+    (out / "summary.json").unlink()  # a finished run is not reloaded: make resume read the checkpoint
     ckpt = out / "checkpoints" / "step_000003"
     genuine = torch.load(ckpt / "optim_rank00000.pt", weights_only=True)  # the real file loads safely
     assert "optimizer" in genuine
