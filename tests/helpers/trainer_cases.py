@@ -34,3 +34,28 @@ def overrides(root: Path, teacher: Path, student: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train_main(rank: int, world: int, argv: list[str]):
+    """One in-process CLI run (a rank of ``run_distributed``); returns ("ok", summary) or ("exit", code)."""
+    from megatron_tip.train import main
+
+    try:
+        return "ok", main(argv)
+    except SystemExit as e:
+        return "exit", e.code
+
+
+def poison_teacher(src: Path, dst: Path) -> Path:
+    """A copy of HF teacher ``src`` at ``dst`` whose finite weights overflow the logits: every step's
+    statistics are non-finite (the step is skipped)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

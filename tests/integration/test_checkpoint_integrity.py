@@ -16,7 +16,7 @@ from megatron_tip.checkpoint.safe_load import UnsafeCheckpointError, read_dcp_me
 from megatron_tip.checkpoint.training import complete_checkpoints, usable_checkpoint
 from megatron_tip.launch import run_distributed
 from tests.helpers.paths import REPO
-from tests.helpers.trainer_cases import make_pair, overrides
+from tests.helpers.trainer_cases import make_pair, overrides, run_train_main
 
 pytestmark = pytest.mark.timeout(600)
 CONFIG = str(REPO / "tests/helpers/empty.yaml")
@@ -27,14 +27,6 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     return (root,) + make_pair(root)
 
-
-def _run(rank, world, argv):
-    from megatron_tip.train import main
-
-    try:
-        return "ok", main(argv)
-    except SystemExit as e:
-        return "exit", e.code
 
 
 def cli(pair, out, module="megatron_tip.train", **kw):
@@ -75,7 +67,7 @@ def saved(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("saved") / "run"
     argv = ["--config", CONFIG, *overrides(root, teacher, student, **{
         "train.steps": 4, "run.out_dir": out, "run.save_every": 1, "run.exit_interval": 3})]
-    assert run_distributed(_run, 1, argv)[0][0] == "ok"
+    assert run_distributed(run_train_main, 1, argv)[0][0] == "ok"
     assert [p.name for p, _ in complete_checkpoints(out)] == ["step_000000", "step_000001", "step_000002"]
     return out
 

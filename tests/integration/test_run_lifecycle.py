@@ -15,7 +15,7 @@ import pytest
 
 from megatron_tip.launch import run_distributed
 from tests.helpers.paths import REPO
-from tests.helpers.trainer_cases import PROMPTS, make_pair, overrides
+from tests.helpers.trainer_cases import PROMPTS, make_pair, overrides, poison_teacher, run_train_main
 
 pytestmark = pytest.mark.timeout(900)
 EMPTY = str(REPO / "tests/helpers/empty.yaml")
@@ -33,18 +33,10 @@ def _argv(pair, out, **kw):
     return ["--config", EMPTY, *overrides(root, teacher, student, **{"train.steps": 4, "run.out_dir": out, **kw})]
 
 
-def _run(rank, world, argv):
-    from megatron_tip.train import main
-
-    try:
-        return "ok", main(argv)
-    except SystemExit as e:
-        return "exit", e.code
-
 
 def train(pair, out, **kw):
     """One in-process CLI run (a forked rank): ("ok", result) or ("exit", code)."""
-    return run_distributed(_run, 1, _argv(pair, out, **kw), timeout=400)[0]
+    return run_distributed(run_train_main, 1, _argv(pair, out, **kw), timeout=400)[0]
 
 
 def start(pair, out, **kw) -> subprocess.Popen:
@@ -145,23 +137,10 @@ def test_kill_9_during_the_after_eval_then_resume_runs_it_and_writes_the_summary
     assert train(pair, out, **{**kw, "run.resume": "auto"})[1]["after_eval_n"] == 16  # now finished
 
 
-def _poison_teacher(src, dst):
-    """Finite weights whose logits overflow: every step's statistics are non-finite (skipped)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
 
 def test_skipped_steps_count_across_a_resume(pair, tmp_path):
     root, teacher, student = pair
-    bad = _poison_teacher(teacher, tmp_path / "bad_teacher")
+    bad = poison_teacher(teacher, tmp_path / "bad_teacher")
     out = tmp_path / "skips"
     kw = {"teacher.path": bad, "train.max_skipped_fraction": 0.75}  # fail once more than 3 of 4 are skipped
     assert train(pair, out, **kw, **{"run.exit_interval": 2})[0] == "ok"  # steps 0, 1 skipped

@@ -15,7 +15,7 @@ import torch
 from megatron_tip.checkpoint.manifest import write_manifest
 from megatron_tip.launch import run_distributed
 from tests.helpers.paths import REPO
-from tests.helpers.trainer_cases import PROMPTS, make_pair, overrides
+from tests.helpers.trainer_cases import PROMPTS, make_pair, overrides, poison_teacher, run_train_main
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,21 +26,12 @@ def pair(tmp_path_factory):
     return (root,) + make_pair(root)
 
 
-def _run(rank, world, argv):
-    """One in-process CLI run; returns ("ok", summary) or ("exit", code)."""
-    from megatron_tip.train import main
-
-    try:
-        return "ok", main(argv)
-    except SystemExit as e:
-        return "exit", e.code
-
 
 def train(pair, out, **kw):
     root, teacher, student = pair
     argv = ["--config", str(REPO / "tests/helpers/empty.yaml"),
             *overrides(root, teacher, student, **{"train.steps": 4, "run.out_dir": out, **kw})]
-    return run_distributed(_run, 1, argv)[0]
+    return run_distributed(run_train_main, 1, argv)[0]
 
 
 def cli(pair, out, *extra, **kw):
@@ -178,21 +169,11 @@ def test_planted_pickles_are_refused(pair, full, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def _poison_teacher(src, dst):
-    """Finite weights whose logits overflow: every step's statistics are non-finite."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
 
 @pytest.mark.slow  # CI time; CI keeps the SIGTERM, planted-pickle and refusal tests
 def test_a_run_that_skips_too_many_steps_fails(pair, tmp_path):
     root, teacher, student = pair
-    bad = _poison_teacher(teacher, tmp_path / "bad_teacher")
+    bad = poison_teacher(teacher, tmp_path / "bad_teacher")
     code, out, err = cli(pair, tmp_path / "skip", **{"teacher.path": bad, "train.max_skipped_fraction": 0.5})
     assert code == 1
     one_error_line(err, "steps skipped")
