@@ -22,7 +22,7 @@ from megatron_tip.data.dataset import DataConfig
 from megatron_tip.distributed import ParallelConfig
 from megatron_tip.eval.heldout import EvalConfig
 from megatron_tip.metrics_log import LogConfig
-from megatron_tip.models.config import ModelConfig
+from megatron_tip.models.config import ModelConfig, TeacherConfig
 from megatron_tip.optim import OptimConfig
 from megatron_tip.rollout.config import RolloutConfig
 from megatron_tip.scoring import ScoringConfig
@@ -43,7 +43,7 @@ MOVED_KEYS = {
 @dataclass
 class RunConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -57,6 +57,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel)
+        # Per-role layouts: the keys exist so every component reads one schema; each is refused
+        # here until its implementation lands (issue #23).
+        if self.teacher.own_layout or self.teacher.offload:
+            raise ValueError("teacher.parallel / teacher.offload: a teacher layout of its own is not implemented yet")
+        if self.rollout.tensor_parallel not in (0, self.parallel.tensor_parallel):
+            raise ValueError(f"rollout.tensor_parallel={self.rollout.tensor_parallel}: rollout engines with a TP "
+                             f"other than the student's ({self.parallel.tensor_parallel}) are not implemented yet")
         if self.teacher.recompute_granularity != "none":
             raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
                              "activations; activation recomputation applies to the student only")

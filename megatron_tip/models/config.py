@@ -2,7 +2,7 @@
 layer implementation and (student only) activation recomputation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_tip.validation import at_least, one_of
 
@@ -52,3 +52,35 @@ class ModelConfig:
             return {"recompute_granularity": "selective"}
         return {"recompute_granularity": "full", "recompute_method": self.recompute_method,
                 "recompute_num_layers": self.recompute_num_layers}
+
+
+@dataclass
+class RoleParallelConfig:
+    """A role's own model-parallel sizes; 0 = the same as the student's (``parallel``)."""
+
+    tensor_parallel: int = 0
+    pipeline_parallel: int = 0
+
+    def __post_init__(self) -> None:
+        at_least("tensor_parallel", self.tensor_parallel, 0)
+        at_least("pipeline_parallel", self.pipeline_parallel, 0)
+
+    def resolved(self, *, tensor_parallel: int, pipeline_parallel: int) -> tuple[int, int]:
+        """(TP, PP) of the role, the student's ``tensor_parallel``/``pipeline_parallel`` where unset."""
+        return (self.tensor_parallel or tensor_parallel, self.pipeline_parallel or pipeline_parallel)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The ``teacher`` section: a ModelConfig plus its own layout and host offload.
+
+    parallel: the teacher's TP/PP on the same ranks as the student (time-shared); unset = the student's.
+    offload: keep the teacher's weights in host memory between scoring passes.
+    """
+
+    parallel: RoleParallelConfig = field(default_factory=RoleParallelConfig)
+    offload: bool = False
+
+    @property
+    def own_layout(self) -> bool:
+        return bool(self.parallel.tensor_parallel or self.parallel.pipeline_parallel)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.validation import at_least, in_range, one_of
@@ -23,6 +24,10 @@ class RolloutConfig:
     # vLLM sleep mode between rollouts and training (CUDA only; engine=vllm only): 0 off,
     # 1 offload weights to CPU + free the KV cache, 2 discard both (each step's sync reloads them)
     vllm_sleep_level: int = 0
+    # the rollout engines' own tensor parallelism; 0 = the student's (parallel.tensor_parallel)
+    tensor_parallel: int = 0
+    # vLLM without CUDA graphs; null = auto (true on CPU, false on CUDA)
+    vllm_enforce_eager: Optional[bool] = None
 
     def __post_init__(self) -> None:
         one_of("engine", self.engine, ENGINES)
@@ -33,6 +38,7 @@ class RolloutConfig:
         at_least("micro_batch_size", self.micro_batch_size, 0)
         in_range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, low_open=True)
         one_of("vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
+        at_least("tensor_parallel", self.tensor_parallel, 0)
         if self.temperature == 0 and self.samples_per_prompt > 1:
             raise ValueError(f"temperature=0 (greedy) with samples_per_prompt={self.samples_per_prompt} gives "
                              f"identical samples (vLLM refuses it): set samples_per_prompt=1 or temperature>0")

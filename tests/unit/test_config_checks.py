@@ -232,3 +232,19 @@ def test_prompt_order_builds_each_epoch_permutation_once(tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(derive_seed(5, PROMPT_ORDER, epoch))
         want.append(str(int(torch.randperm(7, generator=g)[pos])))
     assert got == want and len(calls) == 4
+
+
+def test_per_role_layout_keys_parse_and_unimplemented_ones_are_refused() -> None:
+    """teacher.parallel / rollout.tensor_parallel are one schema for every component; values whose
+    implementation has not landed fail at load time naming the key, instead of being ignored."""
+    from megatron_tip.config import load_config
+
+    cfg = load_config(None, ["rollout.vllm_enforce_eager=false", "teacher.parallel.tensor_parallel=0"])
+    assert cfg.rollout.vllm_enforce_eager is False and cfg.teacher.parallel.resolved(
+        tensor_parallel=2, pipeline_parallel=1) == (2, 1)
+    with pytest.raises(ValueError, match=r"teacher.parallel.tensor_parallel=-1: must be >= 0"):
+        load_config(None, ["teacher.parallel.tensor_parallel=-1"])
+    with pytest.raises(ValueError, match="teacher.parallel"):
+        load_config(None, ["teacher.parallel.tensor_parallel=2"])
+    with pytest.raises(ValueError, match="rollout.tensor_parallel=2"):
+        load_config(None, ["rollout.tensor_parallel=2"])
