@@ -20,6 +20,7 @@ from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.optim import build_optimizer
 from megatron_tip.rollout import build_engine, check_engine, stop_token_ids
 from megatron_tip.run_checks import check_inputs, check_recompute, shared_vocab
+from megatron_tip.teacher import Teacher, build_teacher
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Built:
     vocab_size: int  # the true vocabulary both models are compared on
     pad_id: int
     stop_ids: tuple[int, ...]
-    teacher: Any  # frozen GPTModel stage
+    teacher: Teacher  # frozen, in the student's layout or its own (megatron_tip.teacher)
     student: Any  # megatron DistributedDataParallel around the student's GPTModel stage
     optimizer: Any
     scheduler: Any
@@ -54,15 +55,11 @@ def check_memory_features(cfg: RunConfig, *, student: ModelSpec, ctx: ParallelCo
     check_recompute(cfg.student, num_layers=student.num_layers, pp=ctx.pp)
 
 
-def _model(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext, *, train: bool):
+def _student(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext):
     model = build_gpt_model(spec, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, params_dtype=mc.torch_dtype,
-                            padded_vocab_size=padded, per_token_loss=train, transformer_impl=mc.transformer_impl,
+                            padded_vocab_size=padded, per_token_loss=True, transformer_impl=mc.transformer_impl,
                             config_overrides=mc.megatron_overrides())
     load_weights(model, mc.path, spec=spec, tp=ctx.tp, tp_rank=ctx.tp_rank, pp=ctx.pp, pp_rank=ctx.pp_rank)
-    if not train:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
     return model
 
 
@@ -96,10 +93,11 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> Built:
                          "megatron checkpoint (convert it with python -m megatron_tip.convert megatron-to-hf)")
     check_engine(cfg.rollout, ctx=ctx)  # vLLM installed, layout, sleep mode: before any model loads
 
-    # Both models shard the same padded vocab so their logits shards line up column by column.
+    # Both output layers shard the same padded vocab so their logits shards line up column by column
+    # (a teacher in its own layout holds its output weight re-split to this layout).
     padded = padded_vocab(max(student_spec.vocab_size, teacher_spec.vocab_size), tp=ctx.tp)
-    teacher = _model(teacher_spec, cfg.teacher, padded, ctx, train=False)
-    student = _ddp(_model(student_spec, cfg.student, padded, ctx, train=True),
+    teacher = build_teacher(cfg, ctx, spec=teacher_spec, padded_vocab=padded)
+    student = _ddp(_student(student_spec, cfg.student, padded, ctx),
                    distributed_optimizer=cfg.optim.distributed_optimizer)
     optimizer, scheduler = build_optimizer(student, cfg.optim, params_dtype=cfg.student.torch_dtype,
                                            total_steps=cfg.train.steps)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from megatron_tip.distributed import check_parallel_sizes
 from megatron_tip.checkpoint.layout import HF_CONFIG, SPEC_FILE, read_spec, tokenizer_dir
 from megatron_tip.models.spec import ModelSpec, check_model_parallel
+from megatron_tip.teacher.checks import check_teacher_layout, check_teacher_source
 from megatron_tip.validation import short
 
 # Any of these makes a directory loadable by AutoTokenizer without the hub.
@@ -102,8 +103,8 @@ def check_layout(cfg: Any, *, student: ModelSpec, teacher: ModelSpec, world_size
         if cfg.train.prompts_per_step % dp:
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by "
                              f"the data-parallel size {dp}")
-    for name, spec in (("student", student), ("teacher", teacher)):
-        check_model_parallel(spec, tp=tp, pp=pp, name=name)
+    check_model_parallel(student, tp=tp, pp=pp, name="student")
+    check_teacher_layout(cfg, teacher=teacher, world_size=world_size)  # teacher.parallel, else the student's
     need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, spec in (("student", student), ("teacher", teacher)):
         if need > spec.max_position_embeddings:
@@ -132,6 +133,7 @@ def check_inputs(cfg: Any, *, world_size: Optional[int] = None) -> tuple[ModelSp
     lookup), then both models' specs against the layout, sequence length and vocabulary.
     """
     check_paths(cfg)
+    check_teacher_source(cfg)
     student, teacher = read_spec(cfg.student.path), read_spec(cfg.teacher.path)
     check_layout(cfg, student=student, teacher=teacher, world_size=world_size)
     return student, teacher

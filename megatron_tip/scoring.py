@@ -12,10 +12,11 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
+from megatron_tip.models.forward import final_hidden, output_logits
 from megatron_tip.ops import vocab_parallel_token_stats
 from megatron_tip.rollout.layout import PaddedBatch
 from megatron_tip.ops.compiled import IMPLS
+from megatron_tip.teacher import Teacher
 from megatron_tip.validation import at_least, one_of
 
 STAT_FIELDS = ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")
@@ -58,21 +59,7 @@ class ScoredBatch:
     # (last stage; else None)
 
 
-def final_hidden(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
-    """Final hidden states [S, b, H] per micro-batch (last stage; [] elsewhere); no logits computed."""
-    hidden: list[torch.Tensor] = []
-    device = mbs[0]["input_ids"].device if mbs else torch.device("cpu")
-    empty = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device))
-
-    def no_loss(mb, out):
-        return out.sum() * 0, torch.zeros((), dtype=torch.int, device=out.device), {}
-
-    with capture_hidden(model, hidden):
-        run_microbatches(model, mbs, no_loss, forward_only=True, prepare=lambda mb: output_positions(model, empty))
-    return hidden
-
-
-def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs: torch.Tensor,
+def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.Tensor,
                 ht: torch.Tensor, *, cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> dict[str, torch.Tensor]:
     """Per-token stats [b, s] of one micro-batch from final hidden states hs/ht [s, b, H].
 
@@ -84,7 +71,7 @@ def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs
     parts = []
     for i in range(0, hs.shape[0], step):
         parts.append(vocab_parallel_token_stats(
-            output_logits(student, hs[i:i + step]), output_logits(teacher, ht[i:i + step]),
+            output_logits(student, hs[i:i + step]), teacher.output_logits(ht[i:i + step]),
             tp_group=tp_group, vocab_size=vocab_size, chunk_size=cfg.stats_chunk_size,
             target_ids=targets[i:i + step], impl=cfg.ops_impl))
     shape = mb["input_ids"].shape
@@ -92,14 +79,14 @@ def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs
 
 
 @torch.no_grad()
-def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: torch.nn.Module,
+def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: Teacher,
                 cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> ScoredBatch:
     """Teacher hidden states (kept) and the student's token statistics for every position of ``batch``.
 
     Each micro-batch's stats [b, s] are scattered back to its rows and positions of the padded
     [B, S] view (``mb["rows"]``, positions 0..s-1), so selection sees the same tensors in any layout.
     """
-    teacher_hidden = final_hidden(teacher, mbs)  # kept for the gradient pass
+    teacher_hidden = teacher.final_hidden(batch, mbs)  # kept for the gradient pass (collective)
     student_hidden = final_hidden(student, mbs)  # dropped after scoring
     stats = None
     for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden):

@@ -21,7 +21,7 @@ from megatron_tip.distributed import from_last_stage
 from megatron_tip.eval.heldout import count_correct, heldout_accuracy
 from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
-from megatron_tip.models.forward import output_logits, output_positions, output_weight, run_microbatches
+from megatron_tip.models.forward import output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.rollout.layout import PaddedBatch, microbatches, pad_rollouts, processed_tokens
 from megatron_tip.rollout.weight_sync import sync_weights
@@ -190,9 +190,9 @@ class Trainer:
                 ws = output_weight(p.student)
                 # Float16Module hands back fp32; the round trip to the weight's dtype is exact.
                 return kept_linear_reverse_kl_loss(out[0].to(ws.dtype), ws, t_hidden,
-                                                   output_weight(p.teacher), **kw)
+                                                   p.teacher.output_weight(), **kw)
             with torch.no_grad():
-                t_logits = output_logits(p.teacher, t_hidden)
+                t_logits = p.teacher.output_logits(t_hidden)
             return kept_reverse_kl_loss(out[0], t_logits, **kw)
 
         p.student.train()

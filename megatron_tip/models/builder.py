@@ -106,6 +106,7 @@ def build_gpt_model(
     per_token_loss: bool = False,
     transformer_impl: str = "auto",
     config_overrides: Optional[dict] = None,
+    pg_collection=None,
 ):
     """Build this rank's GPTModel stage (megatron parallel_state must be initialized).
 
@@ -115,6 +116,8 @@ def build_gpt_model(
     ``per_token_loss``: megatron's calculate_per_token_loss (loss funcs return sums + counts).
     ``transformer_impl``: auto | local | transformer_engine (see ``models.config.ModelConfig``).
     ``config_overrides``: TransformerConfig fields set as given (memory settings: recomputation).
+    ``pg_collection``: megatron's ProcessGroupCollection for a model in a layout of its own
+    (``megatron_tip.teacher.own_layout``); None = megatron's global parallel_state groups.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -136,6 +139,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
+        pg_collection=pg_collection,
         **_rope_args(spec),
     )
     if torch.cuda.is_available():

@@ -7,6 +7,7 @@
 - ``output_weight``: the output layer's weight shard (the word embedding when tied).
 - ``capture_hidden``: keep the final hidden states that enter the output layer (teacher pass 1:
   hidden [S, B, H] is ~V/H times smaller than logits, and logits are recomputed from it).
+- ``final_hidden``: a no-grad pass that returns only those final hidden states (no logits).
 - ``run_microbatches``: one call for PP=1 (a direct loop with the schedule's per-token-loss
   contract) and PP>1 (megatron's own schedule); the callback runs on the last pipeline stage
   with that micro-batch's model output.
@@ -86,6 +87,24 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits[:, 0]
 
 
+def final_hidden(model: torch.nn.Module, mbs: list[dict], *, pg_collection: Any = None) -> list[torch.Tensor]:
+    """No-grad final hidden states [s, b, H] per micro-batch (last stage; [] elsewhere); no logits computed.
+
+    ``pg_collection``: as in :func:`run_microbatches` (a model in a layout of its own).
+    """
+    hidden: list[torch.Tensor] = []
+    device = mbs[0]["input_ids"].device if mbs else torch.device("cpu")
+    empty = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device))
+
+    def no_loss(mb, out):
+        return out.sum() * 0, torch.zeros((), dtype=torch.int, device=out.device), {}
+
+    with capture_hidden(model, hidden):
+        run_microbatches(model, mbs, no_loss, forward_only=True, prepare=lambda mb: output_positions(model, empty),
+                         pg_collection=pg_collection)
+    return hidden
+
+
 def run_microbatches(
     model: torch.nn.Module,
     microbatches: list[dict[str, Any]],
@@ -93,6 +112,7 @@ def run_microbatches(
     *,
     forward_only: bool,
     prepare: Optional[Callable[[dict[str, Any]], contextlib.AbstractContextManager]] = None,
+    pg_collection: Any = None,
 ) -> list[dict]:
     """Run ``model`` over micro-batches (dicts with input_ids [B,S], position_ids [B,S]).
 
@@ -101,14 +121,20 @@ def run_microbatches(
     (e.g. ``output_positions``). Returns the reports of the last stage ([] elsewhere).
     Shapes may differ between micro-batches (token-budget layout): with PP>1 the schedule then
     exchanges each activation's shape before it (megatron's ``variable_seq_lengths``).
+    ``pg_collection``: the model's own process groups (a model built with them, e.g. a teacher in
+    its own layout); the schedule then sends activations over its ``pp`` group. None: megatron's
+    global parallel_state.
     """
     if not microbatches:
         return []
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+    pp = pg_collection.pp.size() if pg_collection is not None else ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
         return _run_without_pipeline(model, microbatches, on_output, forward_only=forward_only, prepare=prepare)
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
 
     def step(data_iter, m):
         mb = next(data_iter)
@@ -124,11 +150,18 @@ def run_microbatches(
     varying = len({tuple(mb["input_ids"].shape) for mb in microbatches}) > 1
     before = config.variable_seq_lengths
     config.variable_seq_lengths = before or varying  # only PP>1 reads it (p2p shapes)
+    groups = {}
+    if pg_collection is not None:  # the model's own groups, not parallel_state's
+        groups = dict(p2p_communicator=P2PCommunicator(pp_group=pg_collection.pp, config=config),
+                      pg_collection=pg_collection)
     try:
-        return get_forward_backward_func()(
+        # get_forward_backward_func() picks by the global PP size; a model with its own groups
+        # runs the non-interleaved schedule with them.
+        schedule = forward_backward_pipelining_without_interleaving if groups else get_forward_backward_func()
+        return schedule(
             forward_step_func=step, data_iterator=iter(microbatches), model=[model],
             num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b,
-            forward_only=forward_only)
+            forward_only=forward_only, **groups)
     finally:
         config.variable_seq_lengths = before
 

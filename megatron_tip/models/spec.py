@@ -93,8 +93,11 @@ class ModelSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int, name: str = "") -> None:
+def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int, name: str = "", key_prefix: str = "") -> None:
     """Fail fast (ValueError naming the model and the numbers) on layouts megatron would assert or hang on.
+
+    ``key_prefix``: the config section of the sizes when it is not the shared ``parallel`` one
+    (``"teacher.parallel."``: the message then names the key to change).
 
     The one layout check of a model: the trainer (before any weight loads), the model builder,
     the converter and the planner all call it, so they refuse the same layouts with the same words.
@@ -108,4 +111,4 @@ def check_model_parallel(spec: ModelSpec, *, tp: int, pp: int, name: str = "") -
     for field_name, value, size, pname in checks:
         if value % size:
             what = f"{name} " if name else ""
-            raise ValueError(f"{what}{field_name}={value} is not divisible by {pname} size {size}")
+            raise ValueError(f"{what}{field_name}={value} is not divisible by {key_prefix}{pname} size {size}")

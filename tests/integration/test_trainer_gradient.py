@@ -8,12 +8,14 @@ it, megatron per-token loss, DDP) must give the same loss and the same gradients
 PP=2 and DP=2, for a tied and an untied student output layer; and the same again with token-budget
 micro-batches (``train.max_tokens_per_microbatch``) on rollouts whose lengths differ 10x, where
 micro-batches differ in rows and width (PP: p2p shapes exchanged per micro-batch).
+A teacher in its own layout (``teacher.parallel``, 4 ranks: teacher TP=4 under a TP=2 x DP=2 student,
+teacher TP=2 x PP=2 under a TP=1 x DP=4 student) must give the same loss and gradients.
 """
 import pytest
 import torch
 
 from megatron_tip.launch import run_distributed
-from tests.helpers.trainer_cases import make_pair, make_student, overrides
+from tests.helpers.trainer_cases import make_pair, make_student, make_teacher_kv4, overrides
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,15 +76,16 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     canon = gather_canonical_state_dict(
         setup.student.module, tp_group=ctx.tp_group, vocab_size=setup.student_spec.vocab_size, tensors=grads,
         layer_offset=layer_offset(setup.student_spec.num_layers, pp=pp, pp_rank=ctx.pp_rank))
+    layout = (type(setup.teacher).__name__, setup.teacher.layout)
     if st is None:
-        return loss, canon, None, setup.vocab_size, None, shapes
+        return loss, canon, None, setup.vocab_size, None, shapes, layout
     masks = [torch.zeros_like(mask) for _ in range(ctx.dp)]
     dist.all_gather(masks, mask.contiguous(), group=ctx.dp_group)
     w = (weights if weights is not None else mask.float()).contiguous()
     ws = [torch.zeros_like(w) for _ in range(ctx.dp)]
     dist.all_gather(ws, w, group=ctx.dp_group)
     return (loss, canon, (torch.cat(masks), torch.cat(ws)), setup.vocab_size, (st["reverse_kl"], packed.valid),
-            shapes)
+            shapes, layout)
 
 
 def _reference(teacher, student, mask, weights, vocab, mixed=False):
@@ -111,7 +114,7 @@ def _reference(teacher, student, mask, weights, vocab, mixed=False):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return (root,) + make_pair(root) + (make_student(root, tie=False),)
+    return (root,) + make_pair(root) + (make_student(root, tie=False), make_teacher_kv4(root))
 
 
 @pytest.mark.parametrize("tp,world,selection", [
@@ -138,18 +141,34 @@ def pair(tmp_path_factory):
             "selection.weighting": "inverse_inclusion", "untied": True, **BUDGET}),
     (1, "pp2", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
                 "scoring.fused_output_layer": False, "untied": True, **BUDGET}),
+    # the teacher in its own layout (issue #23), on 4 ranks: TP=4 teacher, TP=2 x DP=2 student
+    (2, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+                        "teacher.parallel.tensor_parallel": 4, "kv4": True}),
+    # TP=2 x PP=2 teacher (megatron's schedule on the teacher's own groups), TP=1 x DP=4 student,
+    # the output layers applied before the loss (the teacher's weight re-split to the student's TP)
+    (1, 4, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
+                        "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2,
+                        "scoring.fused_output_layer": False}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
-    root, teacher, student, untied = pair
+    root, teacher, student, untied, teacher_kv4 = pair
     selection = dict(selection)
     if selection.pop("untied", False):
         student = untied
+    if selection.pop("kv4", False):
+        teacher = teacher_kv4
     pp = 2 if world == "pp2" else 1
     world = 2 if world == "pp2" else world
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
     # Rank 0 holds the first rows of the global batch; with PP=2 its last stage is rank 1.
     mixed = "train.max_tokens_per_microbatch" in selection
-    loss, _, (mask, weights), vocab, (rkl_local, valid_local), shapes = results[pp - 1]
+    loss, _, (mask, weights), vocab, (rkl_local, valid_local), shapes, layout = results[pp - 1]
+    t_tp = selection.get("teacher.parallel.tensor_parallel", 0)
+    t_pp = selection.get("teacher.parallel.pipeline_parallel", 0)
+    if t_tp or t_pp:  # the teacher really ran in its own layout
+        assert layout == ("OwnLayoutTeacher", (t_tp or tp, t_pp or pp)), layout
+    else:
+        assert layout == ("SameLayoutTeacher", (tp, pp)), layout
     if mixed:  # the budget layout is in use: micro-batches of different shapes, none over the budget
         assert len(set(shapes)) > 1 and all(b * s <= 72 for b, s in shapes), shapes
     grads = {}
