@@ -5,9 +5,11 @@ from typing import Any
 
 from megatron_tip.checkpoint import load_weights
 from megatron_tip.models.builder import build_gpt_model
+from megatron_tip.models.forward import output_weight
 from megatron_tip.models.spec import ModelSpec
 from megatron_tip.teacher.base import Teacher
 from megatron_tip.teacher.checks import has_own_layout, teacher_layout
+from megatron_tip.teacher.offload import HostOffload
 from megatron_tip.teacher.same_layout import SameLayoutTeacher
 
 
@@ -33,7 +35,12 @@ def build_teacher(cfg: Any, ctx: Any, *, spec: ModelSpec, padded_vocab: int) -> 
     if not has_own_layout(cfg):
         model = frozen_model(spec, cfg.teacher, tp=ctx.tp, pp=ctx.pp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank,
                              padded=padded_vocab)
-        return SameLayoutTeacher(model, tp=ctx.tp, pp=ctx.pp)
+        offload = None
+        if cfg.teacher.offload:  # the output weight stays: the gradient pass reads it
+            keep = (output_weight(model),) if ctx.is_last_stage else ()
+            offload = HostOffload(model, device=ctx.device, keep=keep)
+            offload.to_host()
+        return SameLayoutTeacher(model, tp=ctx.tp, pp=ctx.pp, offload=offload)
     from megatron_tip.teacher.exchange import gather_roles
     from megatron_tip.teacher.groups import role_groups
     from megatron_tip.teacher.own_layout import OwnLayoutTeacher, student_layout_weight
@@ -47,7 +54,11 @@ def build_teacher(cfg: Any, ctx: Any, *, spec: ModelSpec, padded_vocab: int) -> 
     weight = student_layout_weight(model, groups, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                                    padded_vocab=padded_vocab, student_tp=ctx.tp, student_tp_rank=ctx.tp_rank,
                                    student_last=ctx.is_last_stage, dtype=cfg.teacher.torch_dtype, device=ctx.device)
+    offload = None
+    if cfg.teacher.offload:  # its output weight for the loss is a separate tensor (``weight``)
+        offload = HostOffload(model, device=ctx.device)
+        offload.to_host()
     return OwnLayoutTeacher(model, groups, roles, weight=weight, student_dp_rank=ctx.dp_rank,
                             student_last=ctx.is_last_stage, hidden_size=spec.hidden_size,
                             micro_batch_size=cfg.train.micro_batch_size,
-                            max_tokens=cfg.train.max_tokens_per_microbatch, device=ctx.device)
+                            max_tokens=cfg.train.max_tokens_per_microbatch, device=ctx.device, offload=offload)

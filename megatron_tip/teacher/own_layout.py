@@ -11,7 +11,8 @@
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from megatron_tip.models.forward import final_hidden, output_weight
 from megatron_tip.rollout.layout import PaddedBatch, microbatches
 from megatron_tip.teacher.exchange import (RankRoles, gather_rows, send_hidden, teacher_rows, to_microbatches)
 from megatron_tip.teacher.groups import RoleGroups
+from megatron_tip.teacher.offload import HostOffload
 
 
 class OwnLayoutTeacher:
@@ -27,7 +29,7 @@ class OwnLayoutTeacher:
 
     def __init__(self, model: torch.nn.Module, groups: RoleGroups, roles: RankRoles, *, weight: Any,
                  student_dp_rank: int, student_last: bool, hidden_size: int, micro_batch_size: int,
-                 max_tokens: int, device: torch.device) -> None:
+                 max_tokens: int, device: torch.device, offload: Optional[HostOffload] = None) -> None:
         self.model, self.groups, self.roles = model, groups, roles
         self.layout = (groups.tp, groups.pp)
         self.weight = weight  # [V_pad/TP_S, H_T] on the student's last stage, else None
@@ -35,13 +37,15 @@ class OwnLayoutTeacher:
         self.hidden_size, self.device = hidden_size, device
         self.micro_batch_size, self.max_tokens = micro_batch_size, max_tokens
         self.dtype = next(model.parameters()).dtype
+        self.offload = offload  # teacher.offload: the whole model on the host between scoring passes
 
     @torch.no_grad()
     def final_hidden(self, batch: PaddedBatch, mbs: list[dict]) -> list[torch.Tensor]:
         """Collective over the world: this student DP rank's rows' hidden states [s, b, H_T] per micro-batch."""
         rows = gather_rows(batch, self.roles)
         mine = teacher_rows(rows.offsets[-1], teacher_dp=self.groups.dp, dp_rank=self.groups.dp_rank)
-        sent = self._score(rows, mine)
+        with self.offload.on_device() if self.offload is not None else contextlib.nullcontext():
+            sent = self._score(rows, mine)
         received = send_hidden(sent, rows, self.roles, hidden_size=self.hidden_size, dtype=self.dtype,
                                device=self.device)
         if not self.student_last:

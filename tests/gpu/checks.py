@@ -12,6 +12,10 @@
     config has it): finite losses, peak torch.cuda.max_memory_allocated, mean step time.
 (c) te: Transformer Engine's layer spec builds and its logits match the local spec's (bf16).
 (d) distopt: distributed optimizer, 4 steps with a save/resume in the middle = uninterrupted.
+(e) teacher: on 2 ranks (NCCL; needs 2 GPUs, else skipped), the toy run with the teacher in its own
+    layout (teacher.parallel.tensor_parallel=2 under a DP=2 student) gives the same-layout run's
+    losses (bf16 tolerance); on 1 rank, teacher.offload=true gives the same losses bit for bit.
+    The dry run does both on 2 gloo CPU ranks (float32).
 """
 from __future__ import annotations
 
@@ -193,8 +197,9 @@ def check_fused_linear(device: torch.device, *, vocab: int, hidden: int, n_check
            memory_flatness_last_over_first=flat, compile_s=_compile_s(), ok=ok)
 
 
-def _train(out: Path, *overrides: str, timeout: int) -> tuple[int, list[dict], str]:
-    cmd = [sys.executable, "-m", "megatron_tip.train", "--config", str(TOY), f"run.out_dir={out}",
+def _train(out: Path, *overrides: str, timeout: int, ranks: int = 1) -> tuple[int, list[dict], str]:
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    cmd = [sys.executable, *launch, "-m", "megatron_tip.train", "--config", str(TOY), f"run.out_dir={out}",
            "eval.prompts=", "log.tensorboard=false", *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     metrics = out / "metrics.jsonl"
@@ -257,6 +262,32 @@ def check_distopt(*, timeout: int) -> None:
            **({"stderr": err} if code else {}))
 
 
+def check_teacher(*, cuda: bool, steps: int, dtype: str, timeout: int) -> None:
+    """Own-layout teacher (2 ranks) vs the same layout, and teacher.offload vs none (1 rank)."""
+    common = [f"train.steps={steps}", "optim.warmup_steps=1", f"student.dtype={dtype}", f"teacher.dtype={dtype}",
+              "run.save_every=0"]
+    rtol = 2e-2 if dtype == "bfloat16" else 1e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        if not cuda or torch.cuda.device_count() >= 2:
+            _, same, _ = _train(Path(tmp) / "same", *common, timeout=timeout, ranks=2)
+            code, own, err = _train(Path(tmp) / "own", *common, "teacher.parallel.tensor_parallel=2",
+                                    timeout=timeout, ranks=2)
+            a, b = [r.get("loss") for r in same], [r.get("loss") for r in own]
+            close = len(a) == len(b) == steps and all(x is not None and y is not None and
+                                                      abs(x - y) <= rtol * max(abs(x), 1e-6) for x, y in zip(a, b))
+            report("teacher_own_layout", losses_same_layout=a, losses_own_layout=b, rtol=rtol,
+                   ok=code == 0 and close, **({"stderr": err} if code else {}))
+        else:
+            report("teacher_own_layout", ok=None, note="needs 2 GPUs (NCCL allows one rank per device)")
+        ranks = 1 if cuda else 2
+        _, plain, _ = _train(Path(tmp) / "plain", *common, timeout=timeout, ranks=ranks)
+        code, off, err = _train(Path(tmp) / "offload", *common, "teacher.offload=true", timeout=timeout, ranks=ranks)
+    a, b = [r.get("loss") for r in plain], [r.get("loss") for r in off]
+    report("teacher_offload", losses=a, losses_offload=b,
+           peak_memory_gb=[max((r.get("peak_memory_gb", 0.0) for r in rows), default=None) for rows in (plain, off)],
+           ok=code == 0 and len(a) == steps and a == b, **({"stderr": err} if code else {}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no vLLM/TE/distributed optimizer")
@@ -283,6 +314,7 @@ def main() -> int:
     if cuda:
         check_te(device)
         check_distopt(timeout=300)
+    check_teacher(cuda=cuda, steps=3 if cuda else 2, dtype=dtype, timeout=300)
     failed = [k for k, v in RESULTS.items() if v.get("ok") is False]
     summary = {k: v.get("ok") for k, v in RESULTS.items()}
     print(f"SUMMARY {'PASS' if not failed else 'FAIL'} device={torch.cuda.get_device_name(0) if cuda else 'cpu'} "

@@ -145,10 +145,11 @@ def pair(tmp_path_factory):
     (2, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
             "teacher.parallel.tensor_parallel": 4, "kv4": True}),
     # TP=2 x PP=2 teacher (megatron's schedule on the teacher's own groups), TP=1 x DP=4 student,
-    # the output layers applied before the loss (the teacher's weight re-split to the student's TP)
+    # the output layers applied before the loss (the teacher's weight re-split to the student's TP);
+    # teacher.offload on (a no-op on the CPU: this runs its wiring; tests/gpu/checks.py the moves)
     (1, 4, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
             "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2,
-            "scoring.fused_output_layer": False}),
+            "scoring.fused_output_layer": False, "teacher.offload": True}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student, untied, teacher_kv4 = pair
