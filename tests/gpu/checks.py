@@ -15,7 +15,7 @@
 (e) teacher: on 2 ranks (NCCL; needs 2 GPUs, else skipped), the toy run with the teacher in its own
     layout (teacher.parallel.tensor_parallel=2 under a DP=2 student) gives the same-layout run's
     losses (bf16 tolerance); on 1 rank, teacher.offload=true gives the same losses bit for bit.
-    The dry run does both on 2 gloo CPU ranks (float32).
+    The dry run does both on gloo CPU ranks (float32; offload is a no-op there).
 """
 from __future__ import annotations
 
@@ -279,9 +279,8 @@ def check_teacher(*, cuda: bool, steps: int, dtype: str, timeout: int) -> None:
                    ok=code == 0 and close, **({"stderr": err} if code else {}))
         else:
             report("teacher_own_layout", ok=None, note="needs 2 GPUs (NCCL allows one rank per device)")
-        ranks = 1 if cuda else 2
-        _, plain, _ = _train(Path(tmp) / "plain", *common, timeout=timeout, ranks=ranks)
-        code, off, err = _train(Path(tmp) / "offload", *common, "teacher.offload=true", timeout=timeout, ranks=ranks)
+        _, plain, _ = _train(Path(tmp) / "plain", *common, timeout=timeout)
+        code, off, err = _train(Path(tmp) / "offload", *common, "teacher.offload=true", timeout=timeout)
     a, b = [r.get("loss") for r in plain], [r.get("loss") for r in off]
     report("teacher_offload", losses=a, losses_offload=b,
            peak_memory_gb=[max((r.get("peak_memory_gb", 0.0) for r in rows), default=None) for rows in (plain, off)],
@@ -314,7 +313,7 @@ def main() -> int:
     if cuda:
         check_te(device)
         check_distopt(timeout=300)
-    check_teacher(cuda=cuda, steps=3 if cuda else 2, dtype=dtype, timeout=300)
+    check_teacher(cuda=cuda, steps=2, dtype=dtype, timeout=240)
     failed = [k for k, v in RESULTS.items() if v.get("ok") is False]
     summary = {k: v.get("ok") for k, v in RESULTS.items()}
     print(f"SUMMARY {'PASS' if not failed else 'FAIL'} device={torch.cuda.get_device_name(0) if cuda else 'cpu'} "

@@ -22,7 +22,7 @@ t1=$(date +%s)
 python -c "import torch, vllm; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| vllm', vllm.__version__)"
 
 status=0
-timeout 420 python tests/gpu/checks.py "$@" || status=$?
+timeout 540 python tests/gpu/checks.py "$@" || status=$?
 timeout 150 python -m pytest -q -m "vllm" tests/unit/test_vllm_engine.py -x || status=$?
 t2=$(date +%s)
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

@@ -150,6 +150,13 @@ def pair(tmp_path_factory):
     (1, 4, {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3,
             "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2,
             "scoring.fused_output_layer": False, "teacher.offload": True}),
+    # a pipelined student (PP=2 x DP=2): only its last stage receives rows; teacher TP=4, PP=1
+    (1, "pp2x4", {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+                  "teacher.parallel.tensor_parallel": 4, "teacher.parallel.pipeline_parallel": 1, "kv4": True}),
+    # token-budget micro-batches in both layouts: the TP=2 x PP=2 teacher's own bins of the global
+    # rows differ in shape (p2p shapes exchanged on the teacher's pipeline group)
+    (2, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+            "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2, **BUDGET}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student, untied, teacher_kv4 = pair
@@ -158,12 +165,12 @@ def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
         student = untied
     if selection.pop("kv4", False):
         teacher = teacher_kv4
-    pp = 2 if world == "pp2" else 1
-    world = 2 if world == "pp2" else world
+    pp = 2 if str(world).startswith("pp2") else 1
+    world = {"pp2": 2, "pp2x4": 4}.get(world, world)  # "pp2x4": PP=2 on 4 ranks (DP=2)
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
-    # Rank 0 holds the first rows of the global batch; with PP=2 its last stage is rank 1.
+    # DP rank 0 holds the first rows of the global batch; its last stage is rank (world / PP) x (PP - 1).
     mixed = "train.max_tokens_per_microbatch" in selection
-    loss, _, (mask, weights), vocab, (rkl_local, valid_local), shapes, layout = results[pp - 1]
+    loss, _, (mask, weights), vocab, (rkl_local, valid_local), shapes, layout = results[(world // pp) * (pp - 1)]
     t_tp = selection.get("teacher.parallel.tensor_parallel", 0)
     t_pp = selection.get("teacher.parallel.pipeline_parallel", 0)
     if t_tp or t_pp:  # the teacher really ran in its own layout
