@@ -5,7 +5,7 @@ TP=4 on 4 ranks and a student with TP=2 x DP=2 share the ranks without a second 
 The ranks are laid out as TP x CP x DP x PP in megatron's order (TP fastest, as
 ``initialize_model_parallel`` and ``HyperCommGrid(shape, ["tp", "cp", "dp", "pp"])`` do; the grid
 itself needs einops, which megatron-core does not install, so the enumeration is written out here
-and tested against ``parallel_state``'s groups: tests/integration/test_teacher_layout.py).
+and tested against ``parallel_state``'s groups: tests/unit/test_teacher_groups.py).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class OwnLayoutTeacher:
         """Forward of the teacher's rows ``mine``; their hidden states [L_g, H] by global row (last stage)."""
         if not len(mine):
             return {}
-        idx = torch.arange(mine.start, mine.stop)
+        idx = torch.arange(mine.start, mine.stop, device="cpu")  # host, like the lengths it indexes
         lengths = rows.lengths[idx]
         width = int(lengths.max())
         ids = rows.input_ids[idx.to(rows.input_ids.device), :width]

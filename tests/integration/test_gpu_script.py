@@ -10,7 +10,7 @@ from tests.helpers.paths import REPO
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.mark.slow  # ~35 s: a 2-step training run per engine and check; tests/unit/test_gpu_script_syntax.py is the CI variant
+@pytest.mark.slow  # ~2-4 min on 2 cores: 2-step training runs (2 ranks for the own-layout teacher); tests/unit/test_gpu_script_syntax.py is the CI variant
 def test_gpu_script_parses_and_dry_runs():
     assert subprocess.run(["bash", "-n", "tests/gpu/run.sh"], cwd=REPO).returncode == 0
     res = subprocess.run(["bash", "tests/gpu/run.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,

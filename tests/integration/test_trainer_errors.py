@@ -33,7 +33,7 @@ def _nan_step(rank, world, argv):
     ctx = init_parallel(1)
     setup = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
-    w = setup.teacher.decoder.final_layernorm.weight
+    w = setup.teacher.model.decoder.final_layernorm.weight
     saved = w.detach().clone()
     with torch.no_grad():
         w[0] = float("nan")

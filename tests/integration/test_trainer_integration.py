@@ -36,12 +36,12 @@ def _policies_run(rank, world, tp, root, teacher, student, pp=1):
     setup = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, setup)
     snap = lambda m: gather_canonical_state_dict(m, tp_group=ctx.tp_group, vocab_size=setup.vocab_size)  # noqa: E731
-    t0, s0 = snap(setup.teacher), snap(setup.student.module)
+    t0, s0 = snap(setup.teacher.model), snap(setup.student.module)
     out = []
     for step, pol in enumerate(POLICIES):
         cfg.selection = load_config(None, [f"{k}={v}" for k, v in pol.items()]).selection
         out.append(trainer.train_step(step))
-    t1, s1 = snap(setup.teacher), snap(setup.student.module)
+    t1, s1 = snap(setup.teacher.model), snap(setup.student.module)
     teacher_same = all(torch.equal(t0[k], t1[k]) for k in t0)
     student_changed = [k for k in s0 if not torch.equal(s0[k], s1[k])]
     return out, teacher_same, len(student_changed), len(s0)
