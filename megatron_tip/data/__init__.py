@@ -7,4 +7,4 @@ from megatron_tip.lazy_exports import lazy_exports
 
 _EXPORTS = {"Prompt": "dataset", "PromptDataset": "dataset", "read_jsonl": "jsonl", "read_problems": "jsonl"}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(["DataConfig", *_EXPORTS])
+__all__ = ["DataConfig", *_EXPORTS]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # annotations only
 _EXPORTS = dict.fromkeys(("FIXED_SAMPLING", "Rollout", "RolloutEngine", "SamplingParams", "sampling_settings",
                           "stop_token_ids"), "base")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(["ENGINES", "RolloutConfig", "build_engine", "check_engine", *_EXPORTS])
+__all__ = ["ENGINES", "RolloutConfig", "build_engine", "check_engine", *_EXPORTS]
 
 
 def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:

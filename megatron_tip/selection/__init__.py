@@ -15,4 +15,4 @@ _EXPORTS = {
     **dict.fromkeys(("distributed_quantile", "distributed_topk_mask"), "topk"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(["SelectionConfig", *_EXPORTS])
+__all__ = ["SelectionConfig", *_EXPORTS]

@@ -137,3 +137,29 @@ def test_importing_the_config_loads_no_torch_or_megatron(tmp_path):
     assert heavy.strip() == "[]", out.stdout
     assert int(count) < len(MODULES) // 3, out.stdout  # the config modules, not the package
 
+
+
+@pytest.mark.parametrize("pkg", sorted(m for m in MODULES if (PKG.joinpath(*m.split(".")[1:]) / "__init__.py").is_file()))
+def test_package_names_resolve(pkg):
+    """Every name a package lists in ``__all__`` (lazy ones included) is importable from it."""
+    import importlib
+
+    module = importlib.import_module(pkg)
+    for name in getattr(module, "__all__", []):
+        assert getattr(module, name) is not None and name in dir(module), f"{pkg}.{name}"
+
+
+def test_old_section_import_paths_still_resolve():
+    """The sections' import paths from before they became torch-free (other branches use them)."""
+    from megatron_tip import checkpoint, data, eval, sections
+    from megatron_tip import distributed, metrics_log, optim, scoring, trainer
+    from megatron_tip.checkpoint import training
+    from megatron_tip.data import dataset
+    from megatron_tip.eval import heldout
+
+    assert (trainer.TrainConfig, scoring.ScoringConfig, optim.OptimConfig, distributed.ParallelConfig,
+            metrics_log.LogConfig) == (sections.TrainConfig, sections.ScoringConfig, sections.OptimConfig,
+                                       sections.ParallelConfig, sections.LogConfig)
+    assert training.RunDirConfig is checkpoint.config.RunDirConfig
+    assert dataset.DataConfig is data.DataConfig is data.config.DataConfig
+    assert heldout.EvalConfig is eval.config.EvalConfig
