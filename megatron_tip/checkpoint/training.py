@@ -145,7 +145,6 @@ def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bo
     the directory holds another run (fresh run without overwrite, or a resume whose config differs).
     """
     out = Path(cfg.out_dir)
-    run_file = out / RUN_FILE
     fingerprint = config_fingerprint(config)
     record = read_run_record(out)
     has_ckpts = bool(complete_checkpoints(out))
