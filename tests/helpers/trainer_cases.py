@@ -25,10 +25,12 @@ def make_pair(root: Path) -> tuple[Path, Path]:
     return t, make_student(root)
 
 
-def make_teacher_kv4(root: Path) -> Path:
-    """A teacher like the pair's (qwen3, 64 hidden, 2 layers) with 4 kv heads, so its TP can be 4."""
-    return make_tiny_hf_model(root / "teacher_kv4", tokenizer_dir=TOKENIZER, family="qwen3", hidden=64,
-                              layers=2, heads=4, kv_heads=4, ffn=128, seed=5, prompt_template=TEMPLATE)
+def make_teacher_kv4(root: Path, *, tie: bool = False) -> Path:
+    """A teacher like the pair's (qwen3, 64 hidden, 2 layers) with 4 kv heads, so its TP can be 4;
+    ``tie``: its output layer is the word embedding."""
+    return make_tiny_hf_model(root / ("teacher_kv4_tied" if tie else "teacher_kv4"), tokenizer_dir=TOKENIZER,
+                              family="qwen3", hidden=64, layers=2, heads=4, kv_heads=4, ffn=128, seed=6 if tie else 5,
+                              tie=tie, prompt_template=TEMPLATE)
 
 
 def overrides(root: Path, teacher: Path, student: Path, **extra) -> list[str]:

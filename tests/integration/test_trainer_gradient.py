@@ -114,7 +114,8 @@ def _reference(teacher, student, mask, weights, vocab, mixed=False):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return (root,) + make_pair(root) + (make_student(root, tie=False), make_teacher_kv4(root))
+    return (root,) + make_pair(root) + (make_student(root, tie=False), make_teacher_kv4(root),
+                                     make_teacher_kv4(root, tie=True))
 
 
 @pytest.mark.parametrize("tp,world,selection", [
@@ -157,14 +158,19 @@ def pair(tmp_path_factory):
     # rows differ in shape (p2p shapes exchanged on the teacher's pipeline group)
     (2, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
             "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2, **BUDGET}),
+    # a tied teacher at TP=2 x PP=2: its output weight is the last stage's copy of the embedding
+    (1, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+            "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2, "tied_teacher": True}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
-    root, teacher, student, untied, teacher_kv4 = pair
+    root, teacher, student, untied, teacher_kv4, teacher_tied = pair
     selection = dict(selection)
     if selection.pop("untied", False):
         student = untied
     if selection.pop("kv4", False):
         teacher = teacher_kv4
+    if selection.pop("tied_teacher", False):
+        teacher = teacher_tied
     pp = 2 if str(world).startswith("pp2") else 1
     world = {"pp2": 2, "pp2x4": 4}.get(world, world)  # "pp2x4": PP=2 on 4 ranks (DP=2)
     results = run_distributed(_trainer_side, world, tp, root, teacher, student, selection, pp)
