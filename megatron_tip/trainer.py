@@ -23,12 +23,14 @@ from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
 from megatron_tip.models.forward import output_logits, output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
-from megatron_tip.rollout.layout import PaddedBatch, microbatches, pad_rollouts, processed_tokens
+from megatron_tip.rollout.layout import PaddedBatch, from_padded, pad_rollouts, processed_tokens, step_microbatches
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
 from megatron_tip.selection import SelectionResult, select_tokens
-from megatron_tip.validation import at_least, in_range, int_range
+from megatron_tip.validation import at_least, in_range, int_range, one_of
+
+PACKINGS = ("bins", "thd")
 
 if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
     from megatron_tip.build import Built
@@ -46,6 +48,9 @@ class TrainConfig:
     # > 0: micro-batches by token budget instead (rows x longest row <= this; length-sorted,
     # each trimmed to its longest row; docs/packing.md); 0: micro_batch_size rows at the step's width
     max_tokens_per_microbatch: int = 0
+    # With a budget: "bins" (length-sorted rows trimmed to their longest: any layer spec) or "thd"
+    # (rollouts concatenated per row, PackedSeqParams/cu_seqlens: Transformer Engine's spec only).
+    packing: str = "bins"
     seed: int = 1234
     max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
 
@@ -55,6 +60,7 @@ class TrainConfig:
         at_least("micro_batch_size", self.micro_batch_size, 1)
         int_range("seed", self.seed, 0, 2**32 - 1)  # numpy (vLLM) takes 32-bit seeds; torch 64-bit
         at_least("max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0)
+        one_of("packing", self.packing, PACKINGS)
         in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
@@ -128,7 +134,7 @@ class Trainer:
         """Token statistics of every position of ``batch``, on the step's micro-batch layout."""
         tc = self.cfg.train
         rows = min(tc.micro_batch_size, batch.input_ids.shape[0])  # never more rows than rollouts
-        mbs = microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch)
+        mbs = step_microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch, packing=tc.packing)
         return score_batch(batch, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
                            vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
 
@@ -167,9 +173,7 @@ class Trainer:
             if mask is None:  # non-last PP stage: no output layer here
                 index_of.append(None)
                 continue
-            m = torch.zeros_like(mb["valid"])  # [b, s]: this micro-batch's rows and positions
-            rows = mb["rows"]
-            m[: rows.numel()] = mask[rows, : m.shape[1]]
+            m = from_padded(mb, mask)  # [b, s]: the kept mask at this micro-batch's positions
             index_of.append(m.nonzero(as_tuple=True))
         position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
 
@@ -183,7 +187,7 @@ class Trainer:
             i = position[id(mb)]
             b_idx, s_idx = index_of[i]
             t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
-            w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
+            w = None if weights is None else from_padded(mb, weights)[b_idx, s_idx]
             kw = dict(tp_group=ctx.tp_group, vocab_size=p.vocab_size, weights=w, impl=sc.ops_impl,
                       chunk_size=sc.fused_chunk_size if fused else sc.stats_chunk_size)
             if fused:
