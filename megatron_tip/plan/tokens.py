@@ -117,12 +117,13 @@ def format_tokens(tp: TokenPlan) -> list[str]:
     k = lambda n: f"{n / 1e3:,.1f}k"  # noqa: E731
     mode = (f"token budget ({tp.max_tokens:,} per micro-batch, >= {math.ceil(tp.packed_bound / tp.max_tokens)} "
             f"micro-batch(es))" if tp.max_tokens else f"padded ({tp.micro_batch} row(s) at the step's longest)")
+    rows_tokens = tp.micro_batch * (tp.prompt_len + tp.response_cap)  # fixed rows' worst-case micro-batch
     lines = [f"Tokens per step and DP rank (mean response {tp.mean_response:,.0f} of {tp.response_cap:,}: {tp.source})",
             f"  real positions {k(tp.real)}; padded layout {k(tp.padded)} ({tp.padded / tp.real:.2f}x); "
             f"token-budget layout <= {k(tp.packed_bound)} (<= {1 + PAD_TOLERANCE:.2f}x); worst case {k(tp.worst)}",
             f"  this config: {mode} -> padding factor {'<= ' if tp.max_tokens else ''}{tp.padding_factor:.2f}"
-            + ("" if tp.max_tokens else " (train.max_tokens_per_microbatch > 0 packs by token budget)")]
-    rows_tokens = tp.micro_batch * (tp.prompt_len + tp.response_cap)
+            + ("" if tp.max_tokens else f" (train.max_tokens_per_microbatch={rows_tokens} packs by token "
+                                         f"budget, same worst-case micro-batch)")]
     if tp.max_tokens > rows_tokens:  # the memory plan sizes a micro-batch as micro_batch_size full rows
         lines.append(f"note: the memory plan sizes micro-batches at train.micro_batch_size x sequence = {rows_tokens:,} "
                      f"tokens, below the budget {tp.max_tokens:,}: raise train.micro_batch_size to "
