@@ -1,10 +1,10 @@
 """The run configuration: YAML file + dotted command-line overrides -> one typed, validated RunConfig.
 
-Each section is a dataclass owned by its component (``student``/``teacher``: models.config,
-``parallel``: distributed, ``data``: data, ``rollout``: rollout.config, ``selection``:
-selection.config, ``optim``: optim, ``train``: trainer, ``scoring``: scoring, ``run``:
-checkpoint.training, ``log``: metrics_log, ``eval``: eval.heldout); this module only composes
-them. Types come from the annotations, ranges from each section's ``__post_init__``, so an
+Each section is a plain dataclass of its component, in a module that imports no torch and no
+runtime module (``student``/``teacher``: models.config, ``data``: data.config, ``rollout``:
+rollout.config, ``selection``: selection.config, ``run``: checkpoint.config, ``eval``: eval.config;
+the top-level components' ``parallel``, ``optim``, ``train``, ``scoring``, ``log``: sections), so
+importing this module loads neither torch nor megatron; this module only composes them. Types come from the annotations, ranges from each section's ``__post_init__``, so an
 unknown key or a bad value fails at load time, naming it, before any model is built.
 """
 from __future__ import annotations
@@ -17,17 +17,13 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_tip.checkpoint.training import RunDirConfig
-from megatron_tip.data.dataset import DataConfig
-from megatron_tip.distributed import ParallelConfig
-from megatron_tip.eval.heldout import EvalConfig
-from megatron_tip.metrics_log import LogConfig
+from megatron_tip.checkpoint.config import RunDirConfig
+from megatron_tip.data.config import DataConfig
+from megatron_tip.eval.config import EvalConfig
 from megatron_tip.models.config import ModelConfig, TeacherConfig
-from megatron_tip.optim import OptimConfig
 from megatron_tip.rollout.config import RolloutConfig
-from megatron_tip.scoring import ScoringConfig
-from megatron_tip.selection import SelectionConfig
-from megatron_tip.trainer import TrainConfig
+from megatron_tip.sections import LogConfig, OptimConfig, ParallelConfig, ScoringConfig, TrainConfig
+from megatron_tip.selection.config import SelectionConfig
 from megatron_tip.validation import short
 
 # Keys that moved to their component's section (old configs get a pointer, not just "unknown").

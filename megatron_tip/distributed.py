@@ -15,24 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tip.validation import at_least
-
-
-@dataclass
-class ParallelConfig:
-    """The ``parallel`` config section: model-parallel sizes (data parallel = world / (TP x PP))."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    # megatron sequence parallelism: accepted by the config (the planner can size it) but refused
-    # at build time until the kept-position output layer handles sequence-sharded hidden states.
-    sequence_parallel: bool = False
-
-    def __post_init__(self) -> None:
-        at_least("tensor_parallel", self.tensor_parallel, 1)
-        at_least("pipeline_parallel", self.pipeline_parallel, 1)
-        if self.sequence_parallel and self.tensor_parallel < 2:
-            raise ValueError("sequence_parallel=true needs tensor_parallel >= 2")
+from megatron_tip.sections import ParallelConfig  # noqa: F401 (re-export: the section's old import path)
 
 
 @dataclass

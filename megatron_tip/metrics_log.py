@@ -4,24 +4,16 @@ from __future__ import annotations
 import json
 import math
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+from megatron_tip.sections import LogConfig  # noqa: F401 (re-export: the section's old import path)
+
 _SHOWN = ("loss", "kept_ratio", "rollout_accuracy")
 _QUADRANTS = tuple(f"frac_q{i}" for i in range(1, 5))
-
-
-@dataclass
-class LogConfig:
-    """The ``log`` config section."""
-
-    tensorboard: bool = True
-    dump_token_stats: bool = False  # save the last step's per-token h / KL / mask (for plots)
-    preflight: bool = True  # print the capacity plan of this run once at start-up (docs/planner.md)
 
 
 def peak_memory_gb(device: torch.device) -> float:

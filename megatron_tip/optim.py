@@ -1,31 +1,9 @@
 """The ``optim`` config section and the student's optimizer: megatron AdamW + cosine LR schedule."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from megatron_tip.validation import at_least, in_range
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0  # 0: no clipping
-    distributed_optimizer: bool = False  # shard fp32 main params + Adam state over data-parallel ranks (CUDA only)
-
-    def __post_init__(self) -> None:
-        at_least("lr", self.lr, 0.0)
-        in_range("min_lr", self.min_lr, 0.0, self.lr)
-        at_least("warmup_steps", self.warmup_steps, 0)
-        at_least("weight_decay", self.weight_decay, 0.0)
-        in_range("adam_beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
-        in_range("adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
-        at_least("clip_grad", self.clip_grad, 0.0)
+from megatron_tip.sections import OptimConfig  # noqa: F401 (re-export: the section's old import path)
 
 
 def build_optimizer(model: Any, cfg: OptimConfig, *, params_dtype: Any, total_steps: int) -> tuple[Any, Any]:

@@ -68,7 +68,7 @@ def check_paths(cfg: Any) -> None:
 
 def shared_vocab(student_vocab: int, teacher_vocab: int, *, tokenizer_len: Optional[int] = None,
                  override: Optional[int] = None) -> int:
-    """The true vocabulary both models are compared on (docs/design_notes.md: align on it, pad the rest).
+    """The true vocabulary both models are compared on (docs/method.md, "Padded vocabulary").
 
     ``scoring.vocab_size`` (``override``) when set, else the tokenizer's length, else (the planner,
     which has no tokenizer) the smaller model vocabulary. HF configs often pad the embedding

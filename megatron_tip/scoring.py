@@ -15,36 +15,9 @@ import torch
 from megatron_tip.models.forward import capture_hidden, output_logits, output_positions, run_microbatches
 from megatron_tip.ops import vocab_parallel_token_stats
 from megatron_tip.rollout.layout import PaddedBatch, to_padded
-from megatron_tip.ops.compiled import IMPLS
-from megatron_tip.validation import at_least, one_of
+from megatron_tip.sections import ScoringConfig
 
 STAT_FIELDS = ("norm_entropy", "reverse_kl", "forward_kl", "teacher_entropy", "target_logprob")
-
-
-@dataclass
-class ScoringConfig:
-    """The ``scoring`` config section: how token statistics are computed."""
-
-    score_chunk_tokens: int = 512  # scoring pass: logits rows materialized at a time
-    # Tokens per chunk inside the ops (None: from a byte budget and the V/TP shard width; docs/ops.md):
-    # the stats op (scoring pass; unfused gradient pass): fp32 work buffers, default 16 MiB each;
-    stats_chunk_size: Optional[int] = None
-    # the fused output-layer op (fused gradient pass): [rows, V/TP] logits chunks, default 256 MiB.
-    fused_chunk_size: Optional[int] = None
-    vocab_size: Optional[int] = None  # shared true vocab; None: the tokenizer's length
-    # Chunk kernels: auto (compiled for vocab shards >= 4096 columns, else eager; the environment
-    # variable MEGATRON_TIP_OPS_IMPL overrides auto), eager, compiled (docs/ops.md).
-    ops_impl: str = "auto"
-    # Gradient pass: output layer fused into the reverse KL (no [n_kept, V/TP] logits held);
-    # false applies both output layers and then the loss, as before (same math, more memory).
-    fused_output_layer: bool = True
-
-    def __post_init__(self) -> None:
-        one_of("ops_impl", self.ops_impl, IMPLS)
-        at_least("score_chunk_tokens", self.score_chunk_tokens, 1)
-        at_least("stats_chunk_size", self.stats_chunk_size, 1, optional=True)
-        at_least("fused_chunk_size", self.fused_chunk_size, 1, optional=True)
-        at_least("vocab_size", self.vocab_size, 1, optional=True)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -27,41 +26,13 @@ from megatron_tip.rollout.layout import PaddedBatch, from_padded, pad_rollouts, 
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
+from megatron_tip.sections import TrainConfig  # noqa: F401 (re-export: the section's old import path)
 from megatron_tip.selection import SelectionResult, select_tokens
-from megatron_tip.validation import at_least, in_range, int_range, one_of
 
-PACKINGS = ("bins", "thd")
-
-if TYPE_CHECKING:  # the config composes TrainConfig from here; the builder imports the config
+if TYPE_CHECKING:  # annotations only
     from megatron_tip.build import Built
     from megatron_tip.config import RunConfig
     from megatron_tip.distributed import ParallelContext
-
-
-@dataclass
-class TrainConfig:
-    """The ``train`` config section: how long and how big each step is."""
-
-    steps: int = 10
-    prompts_per_step: int = 8  # global batch of prompts (split over data-parallel ranks)
-    micro_batch_size: int = 4  # sequences per forward in scoring and gradient passes (fixed-rows mode)
-    # > 0: micro-batches by token budget instead (rows x longest row <= this; length-sorted,
-    # each trimmed to its longest row; docs/packing.md); 0: micro_batch_size rows at the step's width
-    max_tokens_per_microbatch: int = 0
-    # With a budget: "bins" (length-sorted rows trimmed to their longest: any layer spec) or "thd"
-    # (rollouts concatenated per row, PackedSeqParams/cu_seqlens: Transformer Engine's spec only).
-    packing: str = "bins"
-    seed: int = 1234
-    max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
-
-    def __post_init__(self) -> None:
-        at_least("steps", self.steps, 1)
-        at_least("prompts_per_step", self.prompts_per_step, 1)
-        at_least("micro_batch_size", self.micro_batch_size, 1)
-        int_range("seed", self.seed, 0, 2**32 - 1)  # numpy (vLLM) takes 32-bit seeds; torch 64-bit
-        at_least("max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0)
-        one_of("packing", self.packing, PACKINGS)
-        in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
 class Trainer:

@@ -30,8 +30,8 @@
 #
 # Preemption: Slurm sends USR1 five minutes before the time limit (--signal=B:USR1@300); USR1 or
 # SIGTERM to this script (scancel --signal=USR1 --batch JOB) makes every training process finish its
-# step, save a checkpoint and exit (so does USR1/SIGTERM to the job's steps, scancel --signal=USR1
-# JOB, but that reaches every process of the step, helpers of the training processes too). The job
+# step, save a checkpoint and exit (so does USR1/SIGTERM to every process of the job's steps,
+# scancel --signal=USR1 JOB: checkpoints are written in-process, no helper process dies of it). The job
 # then requeues itself if a checkpoint newer than at its start exists, the job is still running (a
 # scancel stays a cancel) and it was requeued fewer than MAX_REQUEUES times; the requeued job (same
 # id, same run directory) resumes from the newest complete checkpoint.

@@ -18,13 +18,13 @@ import shutil
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_tip.checkpoint.config import RunDirConfig
 from megatron_tip.checkpoint.disk_full import reports_disk_full
 from megatron_tip.checkpoint.layout import (
     CHECKPOINTS_DIR, TRAINER_STATE, optim_file, read_json_object, step_dir, step_dirs,
@@ -33,40 +33,14 @@ from megatron_tip.checkpoint.manifest import CorruptCheckpointError, lists, veri
 from megatron_tip.checkpoint.model import load_megatron_checkpoint, save_megatron_checkpoint
 from megatron_tip.checkpoint.safe_load import load_tensors
 from megatron_tip.models.spec import ModelSpec
-from megatron_tip.validation import at_least, one_of
 
 RUN_FILE = "run.json"
-RESUME_MODES = ("false", "true", "auto")
 # Written by a run into its directory; removed when run.overwrite replaces the run.
 EVALS_FILE = "evals.json"  # held-out evaluations, written when each is computed (survive a resume)
 RUN_OUTPUTS = (RUN_FILE, CHECKPOINTS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.json", EVALS_FILE)
 # Config sections/keys that may change between invocations of one run (where and how it is
 # written, how it is evaluated); everything else is part of the run's identity.
 _VOLATILE = ("run", "log", "eval")
-
-
-@dataclass
-class RunDirConfig:
-    """The ``run`` config section: where a run writes and how it checkpoints and resumes.
-
-    resume: false = start a new run (refused if out_dir holds another run, unless overwrite);
-    true = continue this run from its newest complete checkpoint (error if there is none);
-    auto = continue if out_dir holds a checkpoint of this run, else start (what schedulers use).
-    """
-
-    out_dir: str = "runs/default"
-    resume: str = "false"
-    overwrite: bool = False  # with resume=false: replace whatever run out_dir holds
-    save_every: int = 0  # 0: save only at the end
-    exit_interval: int = 0  # >0: checkpoint and exit after this many steps in this invocation
-
-    def __post_init__(self) -> None:
-        self.resume = str(self.resume).lower()
-        one_of("resume", self.resume, RESUME_MODES)
-        at_least("save_every", self.save_every, 0)
-        at_least("exit_interval", self.exit_interval, 0)
-        if not self.out_dir:
-            raise ValueError("out_dir is empty: name the run directory")
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
@@ -171,7 +145,6 @@ def prepare_run_dir(config: dict[str, Any], cfg: RunDirConfig) -> tuple[dict, bo
     the directory holds another run (fresh run without overwrite, or a resume whose config differs).
     """
     out = Path(cfg.out_dir)
-    run_file = out / RUN_FILE
     fingerprint = config_fingerprint(config)
     record = read_run_record(out)
     has_ckpts = bool(complete_checkpoints(out))

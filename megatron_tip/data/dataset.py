@@ -7,28 +7,13 @@ interrupted one stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
+from megatron_tip.data.config import DataConfig  # noqa: F401 (re-export: the section's old import path)
 from megatron_tip.data.jsonl import numbered_problems
 from megatron_tip.seeding import PROMPT_ORDER, derive_seed
-from megatron_tip.validation import at_least
-
-
-@dataclass
-class DataConfig:
-    """Prompts: a JSONL file with `problem` and `answer` fields."""
-
-    prompts: str = ""
-    # auto: the student's prompt_template.txt, else its chat template, else plain text;
-    # chat | plain | a literal template containing {problem} (megatron_tip.data.prompts)
-    prompt_format: str = "auto"
-    enable_thinking: Optional[bool] = None  # Qwen3 chat templates: thinking on/off
-    max_prompt_len: int = 2048
-
-    def __post_init__(self) -> None:
-        at_least("max_prompt_len", self.max_prompt_len, 1)
 
 
 @dataclass

@@ -1,7 +1,13 @@
 """Math evaluation: last-``\\boxed{}`` grading with math-verify, mean@k / pass@k, in-run held-out accuracy,
-and the offline evaluator (``python -m megatron_tip.eval``, ``eval.runner``)."""
-from .grading import extract_boxed, grade, is_equiv
-from .metrics import aggregate, default_ks, mean_at_k, pass_at_k, problem_metrics
+and the offline evaluator (``python -m megatron_tip.eval``, ``eval.runner``).
 
-__all__ = ["aggregate", "default_ks", "extract_boxed", "grade", "is_equiv", "mean_at_k", "pass_at_k",
-           "problem_metrics"]
+Names are imported on first use (PEP 562), so the torch-free ``eval.config`` imports alone.
+"""
+from megatron_tip.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(("extract_boxed", "grade", "is_equiv"), "grading"),
+    **dict.fromkeys(("aggregate", "default_ks", "mean_at_k", "pass_at_k", "problem_metrics"), "metrics"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -5,28 +5,15 @@ it needs only the grader, not the offline evaluator (``eval.runner``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_tip.distributed import from_last_stage
+from megatron_tip.eval.config import EvalConfig  # noqa: F401 (re-export: the section's old import path)
 from megatron_tip.eval.grading import grade
 from megatron_tip.rollout.base import Rollout, SamplingParams
-from megatron_tip.validation import at_least
-
-
-@dataclass
-class EvalConfig:
-    """Held-out prompts (JSONL) the student is scored on before and after training (greedy and T=1.0)."""
-
-    prompts: str = ""  # empty: no held-out evaluation
-    limit: int = 64  # first N prompts
-    before: bool = True  # also evaluate before training (sweeps skip the repeated baseline)
-
-    def __post_init__(self) -> None:
-        at_least("limit", self.limit, 1)
 
 
 def count_correct(rollouts: Sequence[Rollout], answers: Sequence[str], *, tokenizer: Any) -> int:

@@ -1,6 +1,9 @@
-"""Student/teacher models: plain descriptions (ModelSpec) and megatron-core GPTModel builders."""
-from megatron_tip.models.builder import build_gpt_model
-from megatron_tip.models.spec import check_model_parallel
-from megatron_tip.models.spec import ModelSpec
+"""Student/teacher models: plain descriptions (ModelSpec) and megatron-core GPTModel builders.
 
-__all__ = ["ModelSpec", "build_gpt_model", "check_model_parallel"]
+Names are imported on first use (PEP 562), so the torch-free ``models.config`` imports alone.
+"""
+from megatron_tip.lazy_exports import lazy_exports
+
+_EXPORTS = {"ModelSpec": "spec", "build_gpt_model": "builder", "check_model_parallel": "spec"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from megatron_tip.ops.impls import IMPLS
+
 ENV_VAR = "MEGATRON_TIP_OPS_IMPL"
-IMPLS = ("auto", "eager", "compiled")
 # Below this many columns per shard "auto" stays eager. Measured (docs/ops.md, "Fused kernels:
 # measured"; tools/bench_token_stats.py, 2-core CPU): compiled is faster in steady state at every
 # shape tried (stats 3.1x at 512x2048, 7.7x at 512x4096, 2.7-4.0x at 4096x32768 and 1024x151936;

@@ -115,8 +115,7 @@ def plan_tokens(cfg: Any, *, dp: int, mean_response: Optional[float] = None,
     return TokenPlan(rollouts=int(cfg.train.prompts_per_step) // dp * int(cfg.rollout.samples_per_prompt),
                      prompt_len=int(cfg.data.max_prompt_len), response_cap=cap, mean_response=mean,
                      longest_response=longest, source=source, micro_batch=int(cfg.train.micro_batch_size),
-                     max_tokens=int(getattr(cfg.train, "max_tokens_per_microbatch", 0)),
-                     packing=str(getattr(cfg.train, "packing", "bins")))
+                     max_tokens=int(cfg.train.max_tokens_per_microbatch), packing=str(cfg.train.packing))
 
 
 def format_tokens(tp: TokenPlan) -> list[str]:

@@ -1,17 +1,23 @@
 """Rollout engines behind one interface; ``build_engine`` is the one place that picks one.
 
-Engines import their heavy dependencies lazily, so this package imports without vLLM.
+Engines import their heavy dependencies lazily, so this package imports without vLLM; the
+interface names (``rollout.base``) are imported on first use (PEP 562), so the torch-free
+``rollout.config`` imports without torch.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from megatron_tip.rollout.base import (FIXED_SAMPLING, Rollout, RolloutEngine, SamplingParams, sampling_settings,
-                                       stop_token_ids)
+from megatron_tip.lazy_exports import lazy_exports
 from megatron_tip.rollout.config import ENGINES, RolloutConfig
 
-__all__ = ["ENGINES", "FIXED_SAMPLING", "Rollout", "RolloutConfig", "RolloutEngine", "SamplingParams",
-           "build_engine", "check_engine", "sampling_settings", "stop_token_ids"]
+if TYPE_CHECKING:  # annotations only
+    from megatron_tip.rollout.base import RolloutEngine
+
+_EXPORTS = dict.fromkeys(("FIXED_SAMPLING", "Rollout", "RolloutEngine", "SamplingParams", "sampling_settings",
+                          "stop_token_ids"), "base")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["ENGINES", "RolloutConfig", "build_engine", "check_engine", *_EXPORTS]
 
 
 def check_engine(cfg: RolloutConfig, *, ctx: Any) -> None:

@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
+from megatron_tip.rollout.config import check_vllm_pipeline
 
 
 def check_layout(ctx) -> None:
     """ValueError unless vLLM can colocate with this layout: PP=1, TP groups of consecutive ranks."""
-    if ctx.pp > 1:
-        raise ValueError("rollout.engine=vllm needs pipeline_parallel=1 (vLLM holds the whole model on "
-                         "each TP group of one stage); use rollout.engine=megatron with PP>1")
+    check_vllm_pipeline(ctx.pp)
     if ctx.tp > 1:
         tp_ranks = dist.get_process_group_ranks(ctx.tp_group)
         first = ctx.rank - ctx.tp_rank

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.validation import at_least, in_range, one_of
 
+if TYPE_CHECKING:  # annotations only; sampling() imports it (rollout.base imports torch)
+    from megatron_tip.rollout.base import SamplingParams
+
 ENGINES = ("megatron", "vllm")
+SLEEP_LEVELS = (0, 1, 2)  # vLLM sleep mode: 0 never sleep; 1 offload weights, free KV cache; 2 discard both
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RolloutConfig:
         at_least("max_new_tokens", self.max_new_tokens, 1)
         at_least("micro_batch_size", self.micro_batch_size, 0)
         in_range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, low_open=True)
-        one_of("vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
+        one_of("vllm_sleep_level", self.vllm_sleep_level, SLEEP_LEVELS)
         at_least("tensor_parallel", self.tensor_parallel, 0)
         if self.temperature == 0 and self.samples_per_prompt > 1:
             raise ValueError(f"temperature=0 (greedy) with samples_per_prompt={self.samples_per_prompt} gives "
@@ -45,11 +48,20 @@ class RolloutConfig:
 
     def check_parallel(self, *, pipeline_parallel: int) -> None:
         """Engine constraints on the parallel layout, checked when the run config is composed."""
-        if self.engine == "vllm" and pipeline_parallel > 1:
-            raise ValueError(f"rollout.engine=vllm needs parallel.pipeline_parallel=1 (got {pipeline_parallel}): "
-                             f"vLLM holds the whole model in each TP group; use rollout.engine=megatron with PP>1")
+        if self.engine == "vllm":
+            check_vllm_pipeline(pipeline_parallel)
 
     def sampling(self, *, seed: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The training rollouts' SamplingParams."""
+        from megatron_tip.rollout.base import SamplingParams
+
         return SamplingParams(n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens, seed=seed, stop_token_ids=stop_token_ids)
+
+
+def check_vllm_pipeline(pipeline_parallel: int) -> None:
+    """ValueError unless vLLM can run with ``pipeline_parallel`` stages (1: it holds the whole model in
+    each TP group). The one source of this refusal: the config (at load) and the colocated engine use it."""
+    if pipeline_parallel > 1:
+        raise ValueError(f"rollout.engine=vllm needs parallel.pipeline_parallel=1 (got {pipeline_parallel}): "
+                         f"vLLM holds the whole model in each TP group; use rollout.engine=megatron with PP>1")

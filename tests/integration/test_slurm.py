@@ -1,6 +1,7 @@
 """`sbatch slurm/train_qwen3.sh` on a real Slurm cluster (CI: slurm/local_cluster.sh start), on the toy
 pair with the README's CPU-test-partition overrides: a job runs to COMPLETED; a job preempted with USR1
-saves, requeues itself, resumes and ends with the uninterrupted job's loss curve; two processes on one
+saves, requeues itself, resumes and ends with the uninterrupted job's loss curve (USR1 to the batch
+script, and USR1 to every process of the step while a save is in progress); two processes on one
 node and one process on each of two nodes meet through the script's torchrun c10d rendezvous.
 Skipped, with the reason, where no Slurm controller answers."""
 from __future__ import annotations
@@ -164,6 +165,37 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, uninterrupt
     assert losses == [r["loss"] for r in _metrics(uninterrupted["run_dir"])]   # same seed: bit-identical
     print(f"job {job}: USR1 after checkpoint {first}, saved at step {step}, requeued, COMPLETED in "
           f"{time.monotonic() - t0:.0f} s")
+
+
+def test_usr1_to_every_process_of_the_step_during_a_save_still_saves_and_resumes(cluster, uninterrupted, tmp_path):
+    """`scancel --signal=USR1 JOB` (no --batch): Slurm signals every process of the job's steps (the
+    srun wrapper, torchrun, the training process) while a checkpoint is being written. The training
+    process's own handler decides: it completes the save, prints the preemption line and exits 75;
+    the script requeues and the resumed job ends with the uninterrupted job's losses."""
+    runs = tmp_path / "runs"
+    log = tmp_path / "step_usr1.out"
+    job = _sbatch(cluster, "--job-name=tip-step-usr1", f"--output={log}", *CPU_FLAGS, SCRIPT, "train.steps=6", *TOY,
+                  "run.save_every=1", env={"RUN_ROOT": str(runs), "CONFIG": CONFIG})
+    run_dir = runs / f"tip-step-usr1-{job}"
+    end = time.monotonic() + 200
+    while not any((run_dir / "checkpoints").glob(".step_*.tmp")):   # a save is in progress
+        assert _job(job).get("JobState") not in FINAL, f"ended before its first save:\n{_tail(log)}"
+        assert time.monotonic() < end, f"no save started after 200 s:\n{_tail(log)}"
+        time.sleep(0.02)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=20)
+    info = _wait(job, log, timeout=JOB_WAIT_S)
+    text = log.read_text(errors="replace")
+    losses = _check_finished(info, log, run_dir, steps=6)
+    saved = re.search(r"preempted at step (\d+) \(SIGUSR1\): checkpoint saved to", text)
+    assert saved, _tail(log)
+    # The training process exits 75 (torchrun reports that child exit with its own ChildFailedError
+    # traceback); nothing of ours fails: no writer died under it (EOFError / BrokenPipeError before).
+    assert "exitcode  : 75" in text, _tail(log)
+    assert not re.search(r"EOFError|BrokenPipeError|File \".*megatron_tip/", text), _tail(log)
+    step = int(saved.group(1))
+    assert int(info["Restarts"]) == 1 and f"requeued job {job} (restart 1 of" in text, _tail(log)
+    assert f"resuming from {run_dir}/checkpoints/step_{step:06d} (step {step})" in text, _tail(log)
+    assert losses == [r["loss"] for r in _metrics(uninterrupted["run_dir"])]   # bit-identical to no preemption
 
 
 def test_two_processes_on_one_node(cluster, tmp_path):

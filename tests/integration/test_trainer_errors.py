@@ -59,7 +59,7 @@ def _vllm_layout(rank, world, tp, pp):
 
 
 def test_vllm_engine_refuses_pipeline_parallel_runs():
-    with pytest.raises(RankFailure, match="rollout.engine=vllm needs pipeline_parallel=1"):
+    with pytest.raises(RankFailure, match="rollout.engine=vllm needs parallel.pipeline_parallel=1"):
         run_distributed(_vllm_layout, 2, 1, 2)
 
 

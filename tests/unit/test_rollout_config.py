@@ -47,6 +47,23 @@ def _ctx(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
+def test_vllm_constraints_have_one_source():
+    """The PP=1 refusal at load and in the colocated engine is one function (one message); the sleep
+    levels the config accepts are the ones the engine checks."""
+    from megatron_tip.rollout import config as rollout_config
+    from megatron_tip.rollout import vllm_engine
+
+    at_load = _error(["rollout.engine=vllm", "parallel.pipeline_parallel=3"])
+    with pytest.raises(ValueError) as at_build:
+        check_layout(_ctx(pp=3, world_size=3))
+    assert str(at_build.value) == at_load
+    assert vllm_engine.SLEEP_LEVELS is rollout_config.SLEEP_LEVELS
+    for level in rollout_config.SLEEP_LEVELS:
+        assert load_config(None, ["rollout.engine=vllm", f"rollout.vllm_sleep_level={level}"])
+    with pytest.raises(ValueError, match="rollout.vllm_sleep_level=3: must be one of 0, 1, 2"):
+        vllm_engine.check_sleep_supported(3)
+
+
 def test_layout_checks(monkeypatch):
     with pytest.raises(ValueError, match="pipeline_parallel=1"):
         check_layout(_ctx(pp=2, world_size=2))
