@@ -99,10 +99,12 @@ def token_bins(lengths: list[int], *, max_tokens: int, pad_tolerance: float = PA
 
 
 def microbatches(batch: PaddedBatch, *, size: int, max_tokens: int = 0) -> list[dict]:
-    """Micro-batch dicts: input_ids, position_ids, target_ids, valid ([b, s]) and ``rows`` (long [n <= b]).
+    """Micro-batch dicts: input_ids, position_ids, target_ids, valid, src_rows, src_pos ([b, s]) and ``rows``
+    (long [n <= b]).
 
     ``rows[j]`` is the rollout (row of ``batch``) held in row j, at positions 0..s-1 of the
-    padded view; rows past ``len(rows)`` are all-pad rows that count nowhere (``valid`` False).
+    padded view; rows past ``len(rows)`` are all-pad rows that count nowhere (``valid`` False,
+    ``src_rows`` -1).
     ``max_tokens=0``: ``size`` rows at the full width, the last one padded to ``size`` rows
     (one shape for the pipeline schedule). ``max_tokens>0``: token-budget bins (``token_bins``),
     each trimmed to its longest row; shapes differ between micro-batches.

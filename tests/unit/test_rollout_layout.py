@@ -1,4 +1,4 @@
-"""The step's token layout: token-budget micro-batches cover every position of the padded view once."""
+"""The step's token layout: token-budget bins and THD-packed rows cover every position of the padded view once."""
 import itertools
 import subprocess
 import sys
