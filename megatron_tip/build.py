@@ -14,7 +14,7 @@ from megatron_tip.config import RunConfig
 from megatron_tip.data import PromptDataset
 from megatron_tip.data.prompts import build_prompt, resolve_format
 from megatron_tip.distributed import ParallelContext
-from megatron_tip.models.builder import build_gpt_model
+from megatron_tip.models.builder import build_gpt_model, resolved_impl
 from megatron_tip.models.config import ModelConfig
 from megatron_tip.models.spec import ModelSpec, padded_vocab
 from megatron_tip.optim import build_optimizer
@@ -53,6 +53,19 @@ def check_memory_features(cfg: RunConfig, *, student: ModelSpec, ctx: ParallelCo
         raise ValueError("optim.distributed_optimizer=true needs CUDA: megatron-core's DistributedOptimizer "
                          "accepts only torch.cuda tensors")
     check_recompute(cfg.student, num_layers=student.num_layers, pp=ctx.pp)
+    check_packing(cfg)
+
+
+def check_packing(cfg: RunConfig) -> None:
+    """train.packing=thd needs attention that stops at cu_seqlens: Transformer Engine's spec for both models
+    (megatron's local DotProductAttention refuses packed_seq_params)."""
+    if cfg.train.packing != "thd":
+        return
+    for role, mc in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if resolved_impl(mc.transformer_impl) != "transformer_engine":
+            raise ValueError(f"train.packing=thd needs Transformer Engine's layer spec, but {role}.transformer_impl="
+                             f"{mc.transformer_impl} builds megatron's local spec here (no CUDA or no transformer-engine), "
+                             f"whose attention refuses packed sequences; use train.packing=bins")
 
 
 def _student(spec: ModelSpec, mc: ModelConfig, padded: int, ctx: ParallelContext):

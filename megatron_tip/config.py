@@ -66,6 +66,8 @@ class RunConfig:
         if 0 < self.train.max_tokens_per_microbatch < longest:  # one rollout must fit a micro-batch
             raise ValueError(f"train.max_tokens_per_microbatch={self.train.max_tokens_per_microbatch} is smaller than "
                              f"the longest allowed sequence data.max_prompt_len + rollout.max_new_tokens = {longest}")
+        if self.train.packing == "thd" and not self.train.max_tokens_per_microbatch:
+            raise ValueError("train.packing=thd packs rollouts by token budget: set train.max_tokens_per_microbatch > 0")
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                              f"train.steps={self.train.steps} (for a short smoke test such as train.steps=1, "

@@ -14,7 +14,7 @@ import torch
 
 from megatron_tip.models.forward import final_hidden, output_logits
 from megatron_tip.ops import vocab_parallel_token_stats
-from megatron_tip.rollout.layout import PaddedBatch
+from megatron_tip.rollout.layout import PaddedBatch, to_padded
 from megatron_tip.sections import ScoringConfig
 from megatron_tip.teacher.base import Teacher
 
@@ -56,8 +56,8 @@ def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module
                 cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> ScoredBatch:
     """Teacher hidden states (kept) and the student's token statistics for every position of ``batch``.
 
-    Each micro-batch's stats [b, s] are scattered back to its rows and positions of the padded
-    [B, S] view (``mb["rows"]``, positions 0..s-1), so selection sees the same tensors in any layout.
+    Each micro-batch's stats [b, s] are scattered back to its rollouts' positions of the padded
+    [B, S] view (``rollout.layout.to_padded``), so selection sees the same tensors in any layout.
     """
     teacher_hidden = teacher.final_hidden(batch, mbs)  # kept for the gradient pass (collective)
     student_hidden = final_hidden(student, mbs)  # dropped after scoring
@@ -66,7 +66,6 @@ def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module
         part = token_stats(student, teacher, mb, hs, ht, cfg=cfg, vocab_size=vocab_size, tp_group=tp_group)
         if stats is None:
             stats = {k: torch.zeros(batch.valid.shape, dtype=v.dtype, device=v.device) for k, v in part.items()}
-        rows, s = mb["rows"], mb["input_ids"].shape[1]
         for k, v in part.items():
-            stats[k][rows, :s] = v[: rows.numel()]
+            to_padded(mb, v, stats[k])
     return ScoredBatch(batch, mbs, teacher_hidden, stats)

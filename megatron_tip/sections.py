@@ -13,6 +13,8 @@ from typing import Optional
 from megatron_tip.ops.impls import IMPLS
 from megatron_tip.validation import at_least, in_range, int_range, one_of
 
+PACKINGS = ("bins", "thd")  # train.packing: the token-budget layout (docs/packing.md)
+
 
 @dataclass
 class TrainConfig:
@@ -24,6 +26,9 @@ class TrainConfig:
     # > 0: micro-batches by token budget instead (rows x longest row <= this; length-sorted,
     # each trimmed to its longest row; docs/packing.md); 0: micro_batch_size rows at the step's width
     max_tokens_per_microbatch: int = 0
+    # With a budget: "bins" (length-sorted rows trimmed to their longest: any layer spec) or "thd"
+    # (rollouts concatenated per row, PackedSeqParams/cu_seqlens: Transformer Engine's spec only).
+    packing: str = "bins"
     seed: int = 1234
     max_skipped_fraction: float = 0.5  # fail the run once more than this share of train.steps is skipped
 
@@ -33,6 +38,7 @@ class TrainConfig:
         at_least("micro_batch_size", self.micro_batch_size, 1)
         int_range("seed", self.seed, 0, 2**32 - 1)  # numpy (vLLM) takes 32-bit seeds; torch 64-bit
         at_least("max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0)
+        one_of("packing", self.packing, PACKINGS)
         in_range("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 

@@ -22,7 +22,7 @@ from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
 from megatron_tip.models.forward import output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
-from megatron_tip.rollout.layout import PaddedBatch, microbatches, pad_rollouts, processed_tokens
+from megatron_tip.rollout.layout import PaddedBatch, from_padded, pad_rollouts, processed_tokens, step_microbatches
 from megatron_tip.rollout.weight_sync import sync_weights
 from megatron_tip.scoring import ScoredBatch, score_batch
 from megatron_tip.seeding import HELD_OUT, ROLLOUT, derive_seed
@@ -105,7 +105,7 @@ class Trainer:
         """Token statistics of every position of ``batch``, on the step's micro-batch layout."""
         tc = self.cfg.train
         rows = min(tc.micro_batch_size, batch.input_ids.shape[0])  # never more rows than rollouts
-        mbs = microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch)
+        mbs = step_microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch, packing=tc.packing)
         return score_batch(batch, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
                            vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
 
@@ -144,9 +144,7 @@ class Trainer:
             if mask is None:  # non-last PP stage: no output layer here
                 index_of.append(None)
                 continue
-            m = torch.zeros_like(mb["valid"])  # [b, s]: this micro-batch's rows and positions
-            rows = mb["rows"]
-            m[: rows.numel()] = mask[rows, : m.shape[1]]
+            m = from_padded(mb, mask)  # [b, s]: the kept mask at this micro-batch's positions
             index_of.append(m.nonzero(as_tuple=True))
         position = {id(mb): i for i, mb in enumerate(scored.microbatches)}
 
@@ -160,7 +158,7 @@ class Trainer:
             i = position[id(mb)]
             b_idx, s_idx = index_of[i]
             t_hidden = scored.teacher_hidden[i][s_idx, b_idx]  # [n, H]
-            w = None if weights is None else weights[mb["rows"]][b_idx, s_idx]
+            w = None if weights is None else from_padded(mb, weights)[b_idx, s_idx]
             kw = dict(tp_group=ctx.tp_group, vocab_size=p.vocab_size, weights=w, impl=sc.ops_impl,
                       chunk_size=sc.fused_chunk_size if fused else sc.stats_chunk_size)
             if fused:

@@ -82,6 +82,11 @@ def te_available() -> bool:
     return True
 
 
+def resolved_impl(impl: str) -> str:
+    """The layer spec ``impl`` (auto | local | transformer_engine) builds on this machine."""
+    return "transformer_engine" if impl == "transformer_engine" or (impl == "auto" and te_available()) else "local"
+
+
 def _layer_spec(spec: ModelSpec, impl: str = "auto"):
     if impl == "transformer_engine" and not te_available():
         raise ValueError("transformer_impl=transformer_engine needs CUDA and `pip install -e .[te]`")

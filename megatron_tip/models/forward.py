@@ -10,7 +10,8 @@
 - ``final_hidden``: a no-grad pass that returns only those final hidden states (no logits).
 - ``run_microbatches``: one call for PP=1 (a direct loop with the schedule's per-token-loss
   contract) and PP>1 (megatron's own schedule); the callback runs on the last pipeline stage
-  with that micro-batch's model output.
+  with that micro-batch's model output. A micro-batch with ``cu_seqlens`` (THD layout,
+  ``rollout.layout.packed_microbatches``) is run with megatron's ``PackedSeqParams``.
 """
 from __future__ import annotations
 
@@ -103,6 +104,19 @@ def final_hidden(model: torch.nn.Module, mbs: list[dict], *, pg_collection: Any 
         run_microbatches(model, mbs, no_loss, forward_only=True, prepare=lambda mb: output_positions(model, empty),
                          pg_collection=pg_collection)
     return hidden
+def packed_seq_kwargs(mb: dict[str, Any]) -> dict[str, Any]:
+    """``packed_seq_params`` for a THD micro-batch (``cu_seqlens`` int32 [n+1], ``max_seqlen``); {} otherwise.
+
+    Attention (Transformer Engine) then stops at each sequence's end and RoPE restarts at 0 per
+    sequence; the model sees input_ids [1, T] and returns [T, 1, ...].
+    """
+    if "cu_seqlens" not in mb:
+        return {}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, m = mb["cu_seqlens"], mb["max_seqlen"]
+    return {"packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                 max_seqlen_q=m, max_seqlen_kv=m)}
 
 
 def run_microbatches(
@@ -140,7 +154,7 @@ def run_microbatches(
         mb = next(data_iter)
         ctx = prepare(mb) if prepare is not None else contextlib.nullcontext()
         with ctx:
-            out = m(mb["input_ids"], mb["position_ids"], None)
+            out = m(mb["input_ids"], mb["position_ids"], None, **packed_seq_kwargs(mb))
         return out, lambda output: on_output(mb, output)
 
     from megatron.core.utils import get_model_config
@@ -187,7 +201,7 @@ def _run_without_pipeline(model, microbatches, on_output, *, forward_only: bool,
         for i, mb in enumerate(microbatches):
             with no_sync() if i < last else contextlib.nullcontext():
                 with prepare(mb) if prepare is not None else contextlib.nullcontext():
-                    out = model(mb["input_ids"], mb["position_ids"], None)
+                    out = model(mb["input_ids"], mb["position_ids"], None, **packed_seq_kwargs(mb))
                 loss, num_tokens, report = on_output(mb, out)
                 total_tokens += num_tokens
                 reports.append(report)

@@ -10,7 +10,8 @@ length or a length histogram:
   sequence, taken as the longest length the lengths allow (the cap for a stated mean; a step of
   dozens of rollouts almost always holds one of the longest);
 - token-budget layout: at most ``1 + PAD_TOLERANCE`` times the real positions (``rollout.layout``
-  guarantees it per micro-batch, whatever the lengths).
+  guarantees it per micro-batch, whatever the lengths) with ``train.packing=bins``; exactly the
+  real positions with ``train.packing=thd`` (no pad position).
 
 padding factor = computed / real positions, the figure the trainer logs per step (``padding_factor``).
 """
@@ -35,6 +36,7 @@ class TokenPlan:
     source: str  # where the lengths come from
     micro_batch: int
     max_tokens: int  # 0: fixed rows (padded)
+    packing: str = "bins"  # with a budget: bins (trimmed rows) or thd (packed rows, no padding)
 
     def positions(self, response: float) -> float:
         """Input positions of the step's rollouts at this response length (the last token predicts nothing)."""
@@ -49,8 +51,12 @@ class TokenPlan:
         return self.rollouts * (self.prompt_len + self.longest_response)
 
     @property
+    def thd(self) -> bool:
+        return bool(self.max_tokens) and self.packing == "thd"
+
+    @property
     def packed_bound(self) -> float:
-        return (1 + PAD_TOLERANCE) * self.real
+        return self.real if self.thd else (1 + PAD_TOLERANCE) * self.real
 
     @property
     def worst(self) -> float:  # every response at the cap (what the memory plan assumes)
@@ -64,7 +70,7 @@ class TokenPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "mean_response": self.mean_response, "real": self.real,
                 "padded": self.padded, "packed_bound": self.packed_bound, "worst": self.worst,
-                "layout": "token budget" if self.max_tokens else "padded", "padding_factor": self.padding_factor}
+                "layout": ("THD packed" if self.thd else "token budget") if self.max_tokens else "padded", "padding_factor": self.padding_factor}
 
 
 def parse_histogram(text: str) -> list[tuple[int, float]]:
@@ -109,20 +115,24 @@ def plan_tokens(cfg: Any, *, dp: int, mean_response: Optional[float] = None,
     return TokenPlan(rollouts=int(cfg.train.prompts_per_step) // dp * int(cfg.rollout.samples_per_prompt),
                      prompt_len=int(cfg.data.max_prompt_len), response_cap=cap, mean_response=mean,
                      longest_response=longest, source=source, micro_batch=int(cfg.train.micro_batch_size),
-                     max_tokens=int(cfg.train.max_tokens_per_microbatch))
+                     max_tokens=int(cfg.train.max_tokens_per_microbatch), packing=str(cfg.train.packing))
 
 
 def format_tokens(tp: TokenPlan) -> list[str]:
     """The report's lines for ``tp``."""
     k = lambda n: f"{n / 1e3:,.1f}k"  # noqa: E731
-    mode = (f"token budget ({tp.max_tokens:,} per micro-batch, >= {math.ceil(tp.packed_bound / tp.max_tokens)} "
+    what = "THD packing, train.packing=thd" if tp.thd else "token budget"
+    mode = (f"{what} ({tp.max_tokens:,} per micro-batch, >= {math.ceil(tp.packed_bound / tp.max_tokens)} "
             f"micro-batch(es))" if tp.max_tokens else f"padded ({tp.micro_batch} row(s) at the step's longest)")
+    rows_tokens = tp.micro_batch * (tp.prompt_len + tp.response_cap)  # fixed rows' worst-case micro-batch
     lines = [f"Tokens per step and DP rank (mean response {tp.mean_response:,.0f} of {tp.response_cap:,}: {tp.source})",
             f"  real positions {k(tp.real)}; padded layout {k(tp.padded)} ({tp.padded / tp.real:.2f}x); "
-            f"token-budget layout <= {k(tp.packed_bound)} (<= {1 + PAD_TOLERANCE:.2f}x); worst case {k(tp.worst)}",
-            f"  this config: {mode} -> padding factor {'<= ' if tp.max_tokens else ''}{tp.padding_factor:.2f}"
-            + ("" if tp.max_tokens else " (train.max_tokens_per_microbatch > 0 packs by token budget)")]
-    rows_tokens = tp.micro_batch * (tp.prompt_len + tp.response_cap)
+            f"token-budget bins <= {k((1 + PAD_TOLERANCE) * tp.real)} (<= {1 + PAD_TOLERANCE:.2f}x), THD packed "
+            f"{k(tp.real)} (1.00x); worst case {k(tp.worst)}",
+            f"  this config: {mode} -> padding factor {'<= ' if tp.max_tokens and not tp.thd else ''}"
+            f"{tp.padding_factor:.2f}"
+            + ("" if tp.max_tokens else f" (train.max_tokens_per_microbatch={rows_tokens} packs by token "
+                                         f"budget, same worst-case micro-batch)")]
     if tp.max_tokens > rows_tokens:  # the memory plan sizes a micro-batch as micro_batch_size full rows
         lines.append(f"note: the memory plan sizes micro-batches at train.micro_batch_size x sequence = {rows_tokens:,} "
                      f"tokens, below the budget {tp.max_tokens:,}: raise train.micro_batch_size to "

@@ -12,9 +12,15 @@ Two views of the same tokens:
   within ``PAD_TOLERANCE``), and trims it to its own longest row, so few pad positions are
   computed. Each micro-batch maps back to the padded view
   through ``rows`` (rollout indices) and its width (positions 0..s-1 of those rows).
+- ``packed_microbatches`` (THD, Transformer Engine spec): several rollouts concatenated in one
+  row [1, T] by first-fit decreasing under the token budget, ``cu_seqlens`` marking where each
+  starts, positions restarting at 0 per rollout; no pad position at all.
 
-Trimmed bins are exact for any attention: every row keeps its own positions 0..len-1 and
-causal attention never reaches its right padding (docs/packing.md).
+Every micro-batch maps each of its positions back to (rollout, position) of the padded view with
+``src_rows`` / ``src_pos`` [b, s] (-1 where a position holds no rollout); ``from_padded`` and
+``to_padded`` move tensors between the two views. Trimmed bins are exact for any attention:
+every row keeps its own positions 0..len-1 and causal attention never reaches its right padding;
+THD rows are exact when attention stops at ``cu_seqlens`` (docs/packing.md).
 """
 from __future__ import annotations
 
@@ -93,10 +99,12 @@ def token_bins(lengths: list[int], *, max_tokens: int, pad_tolerance: float = PA
 
 
 def microbatches(batch: PaddedBatch, *, size: int, max_tokens: int = 0) -> list[dict]:
-    """Micro-batch dicts: input_ids, position_ids, target_ids, valid ([b, s]) and ``rows`` (long [n <= b]).
+    """Micro-batch dicts: input_ids, position_ids, target_ids, valid, src_rows, src_pos ([b, s]) and ``rows``
+    (long [n <= b]).
 
     ``rows[j]`` is the rollout (row of ``batch``) held in row j, at positions 0..s-1 of the
-    padded view; rows past ``len(rows)`` are all-pad rows that count nowhere (``valid`` False).
+    padded view; rows past ``len(rows)`` are all-pad rows that count nowhere (``valid`` False,
+    ``src_rows`` -1).
     ``max_tokens=0``: ``size`` rows at the full width, the last one padded to ``size`` rows
     (one shape for the pipeline schedule). ``max_tokens>0``: token-budget bins (``token_bins``),
     each trimmed to its longest row; shapes differ between micro-batches.
@@ -118,8 +126,83 @@ def microbatches(batch: PaddedBatch, *, size: int, max_tokens: int = 0) -> list[
                 mb[k] = torch.cat([mb[k], mb[k][:1].expand(short, -1).clone()])
             mb["valid"][-short:] = False
         mb["rows"] = idx
+        src = torch.full((len(rows) + short, w), -1, dtype=torch.long, device=device)
+        src[: len(rows)] = idx[:, None]
+        mb["src_rows"] = src
+        mb["src_pos"] = torch.arange(w, device=device).expand(src.shape[0], -1).contiguous()
         out.append(mb)
     return out
+
+
+def first_fit_decreasing(lengths: list[int], *, max_tokens: int) -> list[list[int]]:
+    """Row indices per packed row: longest first, each into the first row with room (Σ lengths <= ``max_tokens``).
+
+    Ties keep rollout order (stable sort), so the layout is deterministic.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > max_tokens:
+            raise ValueError(f"rollout {i} needs {lengths[i]} positions, more than "
+                             f"train.max_tokens_per_microbatch={max_tokens}")
+        for j, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[j].append(i)
+                room[j] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins
+
+
+def packed_microbatches(batch: PaddedBatch, *, max_tokens: int) -> list[dict]:
+    """THD micro-batches: input_ids, position_ids, target_ids, valid, src_rows, src_pos [1, T], T <= ``max_tokens``.
+
+    Row 0 concatenates positions 0..len-1 of each rollout in ``rows`` (first-fit decreasing);
+    ``cu_seqlens`` (int32 [n+1]) holds where each starts, ``max_seqlen`` the longest. Positions
+    restart at 0 per rollout; no position is padding.
+    """
+    device = batch.input_ids.device
+    lengths = batch.lengths.tolist()
+    out = []
+    for rows in first_fit_decreasing(lengths, max_tokens=max_tokens):
+        lens = torch.tensor([lengths[i] for i in rows], dtype=torch.long)  # host: index building
+        src_rows = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lens)
+        src_pos = torch.cat([torch.arange(n) for n in lens.tolist()])
+        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        src_rows, src_pos = src_rows.to(device), src_pos.to(device)
+        mb = {k: getattr(batch, k)[src_rows, src_pos][None] for k in ("input_ids", "target_ids", "valid")}
+        mb["position_ids"] = src_pos[None]
+        mb.update(rows=torch.tensor(rows, dtype=torch.long, device=device), src_rows=src_rows[None],
+                  src_pos=src_pos[None], cu_seqlens=cu.to(device), max_seqlen=int(lens.max()))
+        out.append(mb)
+    return out
+
+
+def step_microbatches(batch: PaddedBatch, *, size: int, max_tokens: int = 0, packing: str = "bins") -> list[dict]:
+    """The step's layout: ``microbatches`` (fixed rows, or trimmed bins when ``max_tokens``) or,
+    with ``packing="thd"`` and a budget, ``packed_microbatches``."""
+    if packing == "thd" and max_tokens:
+        return packed_microbatches(batch, max_tokens=max_tokens)
+    return microbatches(batch, size=size, max_tokens=max_tokens)
+
+
+def from_padded(mb: dict, padded: torch.Tensor) -> torch.Tensor:
+    """The values of a padded-view tensor [B, S] at the micro-batch's positions -> [b, s] (0 / False where none)."""
+    rows, pos = mb["src_rows"], mb["src_pos"]
+    keep = rows >= 0
+    out = torch.zeros(rows.shape, dtype=padded.dtype, device=padded.device)
+    out[keep] = padded[rows[keep], pos[keep]]
+    return out
+
+
+def to_padded(mb: dict, values: torch.Tensor, padded: torch.Tensor) -> None:
+    """Write a micro-batch's values [b, s] into the padded view ``padded`` [B, S] (in place) at their positions."""
+    rows, pos = mb["src_rows"], mb["src_pos"]
+    keep = rows >= 0
+    padded[rows[keep], pos[keep]] = values[keep]
 
 
 def processed_tokens(mbs: list[dict]) -> int:

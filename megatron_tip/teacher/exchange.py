@@ -140,13 +140,19 @@ def send_hidden(hidden: dict[int, torch.Tensor], rows: GlobalRows, roles: RankRo
 
 def to_microbatches(received: dict[int, torch.Tensor], mbs: list[dict], *, first_row: int, hidden_size: int,
                     dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The student's micro-batch view [s, b, H] of its received rows (zeros at padding)."""
+    """The student's micro-batch view [s, b, H] of its received rows (zeros at padding).
+
+    Any micro-batch layout (fixed rows, token-budget bins, THD rows holding several rollouts): each
+    position's source is (``src_rows``, ``src_pos``) [b, s]; ``received[g]`` holds row g's real
+    positions only, so positions past a row's length stay zero, like filler (-1).
+    """
     out = []
     for mb in mbs:
-        b, s = mb["input_ids"].shape
-        h = torch.zeros(b, s, hidden_size, dtype=dtype, device=device)
-        for j, row in enumerate(mb["rows"].tolist()):
-            part = received[first_row + row][:s]
-            h[j, : part.shape[0]] = part
+        src_rows, src_pos = mb["src_rows"], mb["src_pos"]
+        h = torch.zeros(*src_rows.shape, hidden_size, dtype=dtype, device=device)
+        for row in torch.unique(src_rows[src_rows >= 0]).tolist():
+            part = received[first_row + row]
+            sel = (src_rows == row) & (src_pos < part.shape[0])
+            h[sel] = part[src_pos[sel]].to(dtype)
         out.append(h.transpose(0, 1).contiguous())
     return out

@@ -16,6 +16,12 @@
     layout (teacher.parallel.tensor_parallel=2 under a DP=2 student) gives the same-layout run's
     losses (bf16 tolerance); on 1 rank, teacher.offload=true gives the same losses bit for bit.
     The dry run does both on gloo CPU ranks (float32; offload is a no-op there).
+(f) thd: THD packing (issue #22): several rollouts of different lengths in one row with
+    PackedSeqParams/cu_seqlens through Transformer Engine's attention vs the same rollouts unpacked,
+    bf16, student and teacher: logits of every sequence equal within bf16 tolerance; then 3 toy
+    training steps with train.packing=thd vs train.packing=bins (finite, first-step loss equal
+    within 5%). --dry-run: the same script on the CPU with megatron's local kernel applied per
+    cu_seqlens segment (tests/helpers/thd_attention.py), fp32, no training runs.
 """
 from __future__ import annotations
 
@@ -250,6 +256,69 @@ def check_te(device: torch.device) -> None:
     report("te", max_abs_logit_diff=diff, max_abs_logit=scale, ok=diff <= 0.05 * max(scale, 1.0))
 
 
+def check_thd(device: torch.device, *, dry_run: bool, timeout: int) -> None:
+    from megatron_tip.checkpoint import read_spec
+    from megatron_tip.distributed import destroy_parallel, init_parallel
+    from megatron_tip.models.builder import build_gpt_model, te_available
+    from megatron_tip.models.forward import packed_seq_kwargs
+    from megatron_tip.models.hf.weights import load_hf_weights
+    from megatron_tip.rollout.base import Rollout
+    from megatron_tip.rollout.layout import from_padded, packed_microbatches, pad_rollouts
+    from tests.helpers.thd_attention import thd_on_local_spec
+
+    if not dry_run and not te_available():
+        report("thd", ok=None, note="transformer-engine not importable (pip install -e .[te])")
+        return
+    impl, dtype = ("local", torch.float32) if dry_run else ("transformer_engine", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    lengths = [61, 7, 33, 2, 48, 15]  # prompt + response tokens; > 30x apart
+    res, ok = {}, True
+    with thd_on_local_spec() if dry_run else contextlib.nullcontext():
+        init_parallel(1)
+        for role in ("student", "teacher"):
+            path = REPO / "examples" / "toy" / "models" / role
+            spec = read_spec(path)
+            rollouts = [Rollout(prompt_index=i, prompt_ids=torch.randint(4, spec.vocab_size, (1,), generator=g).tolist(),
+                                response_ids=torch.randint(4, spec.vocab_size, (n - 1,), generator=g).tolist())
+                        for i, n in enumerate(lengths)]
+            batch = pad_rollouts(rollouts, pad_id=0, device=device)
+            (mb,) = packed_microbatches(batch, max_tokens=sum(lengths))  # all rollouts in one row
+            model = build_gpt_model(spec, params_dtype=dtype, transformer_impl=impl).to(device)
+            load_hf_weights(model, str(path), spec=spec)
+            model.eval()
+            with torch.no_grad():
+                unpacked = model(batch.input_ids, batch.position_ids, None).float()  # [B, S, V], causal
+                packed = model(mb["input_ids"], mb["position_ids"], None, **packed_seq_kwargs(mb)).float()  # [1, T, V]
+            rows, pos = mb["src_rows"][0], mb["src_pos"][0]
+            ref = unpacked[rows, pos]  # [T, V]: each packed position's logits in its own sequence
+            err = (packed[0] - ref).abs().amax(-1)  # [T]
+            per_seq = [round(float(err[rows == r].max()), 4) for r in range(len(lengths))]
+            scale = float(ref.abs().max())
+            tol = (1e-4 if dry_run else 0.05) * max(scale, 1.0)
+            assert torch.equal(from_padded(mb, batch.input_ids), mb["input_ids"])
+            res[role] = {"max_abs_logit_diff_per_sequence": per_seq, "max_abs_logit": round(scale, 3), "tol": tol}
+            ok = ok and max(per_seq) <= tol
+            del model
+        destroy_parallel()
+    if not dry_run:  # the trainer end to end on TE: packed vs length-sorted bins
+        losses = {}
+        for packing in ("thd", "bins"):
+            with tempfile.TemporaryDirectory() as tmp:
+                code, rows_, err = _train(Path(tmp) / "run", "train.steps=3", f"train.packing={packing}",
+                                          "train.max_tokens_per_microbatch=1280", "student.dtype=bfloat16",
+                                          "teacher.dtype=bfloat16", "optim.warmup_steps=1", timeout=timeout)
+            losses[packing] = [r.get("loss") for r in rows_]
+            res[f"train_{packing}"] = dict(exit_code=code, losses=losses[packing],
+                                           padding_factor=[r.get("padding_factor") for r in rows_],
+                                           **({"stderr": err} if code else {}))
+            ok = ok and code == 0 and len(rows_) == 3 and all(x is not None and math.isfinite(x)
+                                                            for x in losses[packing])
+        if ok:
+            a, b = losses["thd"][0], losses["bins"][0]
+            ok = abs(a - b) <= 0.05 * abs(b)
+    report("thd", lengths=lengths, dtype=str(dtype).removeprefix("torch."), impl=impl, **res, ok=ok)
+
+
 def check_distopt(*, timeout: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["train.steps=4", "optim.distributed_optimizer=true", "student.dtype=bfloat16",
@@ -314,6 +383,7 @@ def main() -> int:
         check_te(device)
         check_distopt(timeout=300)
     check_teacher(cuda=cuda, steps=2, dtype=dtype, timeout=240)
+    check_thd(device, dry_run=not cuda, timeout=200)
     failed = [k for k, v in RESULTS.items() if v.get("ok") is False]
     summary = {k: v.get("ok") for k, v in RESULTS.items()}
     print(f"SUMMARY {'PASS' if not failed else 'FAIL'} device={torch.cuda.get_device_name(0) if cuda else 'cpu'} "

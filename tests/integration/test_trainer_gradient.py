@@ -9,7 +9,9 @@ PP=2 and DP=2, for a tied and an untied student output layer; and the same again
 micro-batches (``train.max_tokens_per_microbatch``) on rollouts whose lengths differ 10x, where
 micro-batches differ in rows and width (PP: p2p shapes exchanged per micro-batch).
 A teacher in its own layout (``teacher.parallel``, 4 ranks: teacher TP=4 under a TP=2 x DP=2 student,
-teacher TP=2 x PP=2 under a TP=1 x DP=4 student) must give the same loss and gradients.
+teacher TP=2 x PP=2 under a TP=1 x DP=4 student) must give the same loss and gradients; and with THD
+packing (``train.packing=thd``: several rollouts per row, ``PackedSeqParams``), megatron's own THD
+path with the local attention kernel applied per ``cu_seqlens`` segment (tests/helpers/thd_attention.py).
 """
 import pytest
 import torch
@@ -27,6 +29,7 @@ WIDTH = 12  # the padded view's width
 MIXED = [(3, 37), (2, 3), (4, 31), (3, 2), (2, 35), (4, 4), (5, 3), (3, 30)]
 MIXED_WIDTH = 41
 BUDGET = {"train.max_tokens_per_microbatch": 72}
+THD = {**BUDGET, "train.packing": "thd"}
 
 
 def _sequences(vocab: int, mixed: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -41,6 +44,16 @@ def _sequences(vocab: int, mixed: bool = False) -> list[tuple[list[int], list[in
 
 
 def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
+    import contextlib
+
+    from tests.helpers.thd_attention import thd_on_local_spec
+
+    thd = selection.get("train.packing") == "thd"
+    with thd_on_local_spec() if thd else contextlib.nullcontext():
+        return _step(tp, root, teacher, student, selection, pp)
+
+
+def _step(tp, root, teacher, student, selection, pp):
     import torch.distributed as dist
 
     from megatron_tip.config import load_config
@@ -64,6 +77,10 @@ def _trainer_side(rank, world, tp, root, teacher, student, selection, pp=1):
     packed = pad_rollouts(rollouts, pad_id=setup.pad_id, seq_len=MIXED_WIDTH if mixed else WIDTH)
     scored = trainer.score(packed)
     shapes = [tuple(mb["input_ids"].shape) for mb in scored.microbatches]
+    assert ("cu_seqlens" in scored.microbatches[0]) == (selection.get("train.packing") == "thd")
+    if "cu_seqlens" in scored.microbatches[0]:  # THD: one row per micro-batch, no pad position
+        assert all(b == 1 for b, _ in shapes) and sum(s for _, s in shapes) == int(packed.lengths.sum())
+        assert any(mb["cu_seqlens"].numel() > 2 for mb in scored.microbatches)  # rollouts share a row
     st = scored.stats  # None on earlier pipeline stages: only the last stage holds logits
     mask = weights = None
     if st is not None:
@@ -161,6 +178,15 @@ def pair(tmp_path_factory):
     # a tied teacher at TP=2 x PP=2: its output weight is the last stage's copy of the embedding
     (1, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
             "teacher.parallel.tensor_parallel": 2, "teacher.parallel.pipeline_parallel": 2, "tied_teacher": True}),
+    # THD packing (issue #22): TP=2, PP=2, DP=2, tied and untied
+    (2, 2, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5, **THD}),
+    (1, "pp2", {"selection.policy": "topk", "selection.score": "q3", "selection.keep_ratio": 0.3, **THD}),
+    (1, 2, {"selection.policy": "entropy_sampling", "selection.keep_ratio": 0.5,
+            "selection.weighting": "inverse_inclusion", "untied": True, **THD}),
+    # THD student micro-batches fed by a teacher in its own layout (its own bins; rows mapped back
+    # through src_rows / src_pos)
+    (2, 4, {"selection.policy": "topk", "selection.score": "soft_or", "selection.keep_ratio": 0.5,
+            "teacher.parallel.tensor_parallel": 4, "kv4": True, **THD}),
 ])
 def test_kept_token_loss_and_grads_match_hf_float64(pair, tp, world, selection):
     root, teacher, student, untied, teacher_kv4, teacher_tied = pair

@@ -154,7 +154,8 @@ def test_a_micro_batch_never_holds_more_rows_than_there_are_rollouts(monkeypatch
                            pad_id=0)
     seen = []
     monkeypatch.setattr(trainer_mod, "score_batch", lambda packed, mbs, **kw: seen.extend(mbs))
-    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=100_000, max_tokens_per_microbatch=0), scoring=None),
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=100_000, max_tokens_per_microbatch=0,
+                                                                                 packing="bins"), scoring=None),
                            p=SimpleNamespace(student=None, teacher=None, vocab_size=10), ctx=SimpleNamespace(tp_group=None))
     trainer_mod.Trainer.score(fake, packed)
     assert [mb["input_ids"].shape[0] for mb in seen] == [4]

@@ -45,10 +45,18 @@ def test_expected_tokens_match_the_layout_on_drawn_rollouts(max_tokens):
 
 
 def test_plan_cli_reports_the_padding_factor_and_keeps_the_worst_case(capsys):
-    assert main(["--config", str(CONFIG), "--mean-response-len", "2500"]) == 0
+    assert main(["--config", str(CONFIG), "--mean-response-len", "2500", "train.max_tokens_per_microbatch=0"]) == 0
     out = capsys.readouterr().out
     # Qwen3 config: 8 prompts x 16 rollouts, prompts <= 2,048 + responses <= 8,192
     assert "mean response 2,500 of 8,192: stated mean" in out and "padding factor 2.25" in out
+    assert "(train.max_tokens_per_microbatch=10240 packs by token budget, same worst-case micro-batch)" in out
+    assert main(["--config", str(CONFIG), "--mean-response-len", "2500"]) == 0  # as shipped: a token budget
+    out = capsys.readouterr().out
+    assert "this config: token budget (10,240 per micro-batch" in out and "padding factor <= 1.05" in out
+    assert "note: the memory plan" not in out  # the budget is the fixed rows' worst case: the plan covers it
+    assert main(["--config", str(CONFIG), "--mean-response-len", "2500", "train.packing=thd"]) == 0
+    out = capsys.readouterr().out  # THD rows hold no pad position
+    assert "this config: THD packing, train.packing=thd (10,240 per micro-batch" in out and "padding factor 1.00" in out
     assert "worst case 327.7k" in out  # 32 rollouts per DP rank x (2,048 + 8,192)
     assert main(["--config", str(CONFIG), "--json", "--response-histogram", "1024:1",
                  "train.max_tokens_per_microbatch=20480"]) == 0

@@ -1,4 +1,4 @@
-"""The step's token layout: token-budget micro-batches cover every position of the padded view once."""
+"""The step's token layout: token-budget bins and THD-packed rows cover every position of the padded view once."""
 import itertools
 import subprocess
 import sys
@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from megatron_tip.rollout.base import Rollout
-from megatron_tip.rollout.layout import PAD_TOLERANCE, microbatches, pad_rollouts, processed_tokens, token_bins
+from megatron_tip.rollout.layout import (
+    PAD_TOLERANCE,
+    first_fit_decreasing,
+    from_padded,
+    microbatches,
+    packed_microbatches,
+    pad_rollouts,
+    processed_tokens,
+    step_microbatches,
+    to_padded,
+    token_bins,
+)
 from tests.helpers.paths import REPO
 
 
@@ -83,3 +94,74 @@ def test_budget_below_the_longest_sequence_fails_at_load_with_one_line():
     assert out.stderr.strip() == (  # one line, before any model loads
         "error: train.max_tokens_per_microbatch=79 is smaller than the longest allowed sequence "
         "data.max_prompt_len + rollout.max_new_tokens = 80")
+
+
+def test_first_fit_decreasing_fills_rows_within_the_budget():
+    lengths = [5, 40, 7, 40, 3, 22, 21, 9]
+    bins = first_fit_decreasing(lengths, max_tokens=50)
+    assert sorted(itertools.chain(*bins)) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 50 for b in bins)
+    # longest first, each into the first row with room: 40+9, 40+7+3, 22+21+5
+    assert [[lengths[i] for i in b] for b in bins] == [[40, 9], [40, 7, 3], [22, 21, 5]]
+    assert len(bins) == -(-sum(lengths) // 50)  # as few rows as the budget allows here
+    with pytest.raises(ValueError, match="train.max_tokens_per_microbatch=30"):
+        first_fit_decreasing(lengths, max_tokens=30)
+
+
+def _segment_causal_sum(x, cu):
+    """Reference 'attention that stops at cu_seqlens' on a packed row: prefix sums restarting per segment."""
+    return torch.cat([x[a:b].cumsum(0) for a, b in itertools.pairwise(cu)])
+
+
+def test_thd_layout_matches_the_padded_view():
+    batch = pad_rollouts(_rollouts([40, 2, 17, 5, 33, 1, 8]), pad_id=0)
+    mbs = packed_microbatches(batch, max_tokens=60)
+    assert processed_tokens(mbs) == int(batch.lengths.sum())  # no pad position computed
+    seen = torch.zeros(batch.valid.shape, dtype=torch.long)
+    causal_padded = (batch.input_ids * (batch.position_ids + 1)).cumsum(1)  # per-row prefix sums
+    for mb in mbs:
+        cu, rows = mb["cu_seqlens"], mb["rows"]
+        assert mb["input_ids"].shape == (1, int(cu[-1])) and cu.dtype == torch.int32 and int(cu[0]) == 0
+        assert int(cu[-1]) <= 60 and mb["max_seqlen"] == int(batch.lengths[rows].max())
+        assert torch.equal(cu.diff().long(), batch.lengths[rows])  # one segment per rollout, in row order
+        for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            assert mb["position_ids"][0, a:b].tolist() == list(range(b - a))  # positions restart at 0
+            assert (mb["src_rows"][0, a:b] == rows[j]).all()
+            for k in ("input_ids", "target_ids", "valid"):
+                assert torch.equal(mb[k][0, a:b], getattr(batch, k)[rows[j], : b - a])
+        for k in ("input_ids", "target_ids", "valid", "position_ids"):  # the map back, both ways
+            assert torch.equal(from_padded(mb, getattr(batch, k)), mb[k])
+        # a per-sequence causal computation on the packed row lands where the padded one does
+        packed = _segment_causal_sum((mb["input_ids"] * (mb["position_ids"] + 1))[0], cu.tolist())[None]
+        out = torch.zeros_like(causal_padded)
+        to_padded(mb, packed, out)
+        keep = torch.zeros_like(batch.valid)
+        to_padded(mb, torch.ones_like(mb["valid"]), keep)
+        assert torch.equal(out[keep], causal_padded[keep])
+        seen += keep.long()
+    assert (seen[batch.valid] == 1).all() and (seen <= 1).all()  # every response position exactly once
+
+
+def test_step_layout_selects_the_mode():
+    batch = pad_rollouts(_rollouts([40, 2, 17]), pad_id=0)
+    assert "cu_seqlens" in step_microbatches(batch, size=2, max_tokens=60, packing="thd")[0]
+    assert "cu_seqlens" not in step_microbatches(batch, size=2, max_tokens=60, packing="bins")[0]
+    assert "cu_seqlens" not in step_microbatches(batch, size=2, max_tokens=0, packing="thd")[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.packing=thd"], ("error: train.packing=thd packs rollouts by token budget: set "
+                             "train.max_tokens_per_microbatch > 0")),
+    (["train.packing=thd", "train.max_tokens_per_microbatch=1280"],  # CPU: megatron's local spec
+     ("error: train.packing=thd needs Transformer Engine's layer spec, but student.transformer_impl=auto builds "
+      "megatron's local spec here (no CUDA or no transformer-engine), whose attention refuses packed sequences; "
+      "use train.packing=bins")),
+])
+def test_thd_without_budget_or_te_fails_before_any_model_loads(tmp_path, args, message):
+    cfg = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+    out = subprocess.run([sys.executable, "-m", "megatron_tip.train", "--config", str(cfg), *args,
+                          f"run.out_dir={tmp_path}"], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [message]
+    assert not list(tmp_path.glob("checkpoints*")) and not (tmp_path / "metrics.jsonl").exists()
