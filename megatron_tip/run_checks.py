@@ -102,8 +102,8 @@ def check_layout(cfg: Any, *, student: ModelSpec, teacher: ModelSpec, world_size
         if cfg.train.prompts_per_step % dp:
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by "
                              f"the data-parallel size {dp}")
-    for name, spec in (("student", student), ("teacher", teacher)):
-        check_model_parallel(spec, tp=tp, pp=pp, name=name)
+    check_model_parallel(student, tp=tp, pp=pp, name="student")
+    check_teacher_layout(cfg, teacher=teacher, world_size=world_size)
     need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, spec in (("student", student), ("teacher", teacher)):
         if need > spec.max_position_embeddings:
@@ -112,6 +112,26 @@ def check_layout(cfg: Any, *, student: ModelSpec, teacher: ModelSpec, world_size
                              f"max_position_embeddings={spec.max_position_embeddings}")
     check_recompute(cfg.student, num_layers=student.num_layers, pp=pp)
     shared_vocab(student.vocab_size, teacher.vocab_size, override=cfg.scoring.vocab_size)
+
+
+def check_teacher_layout(cfg: Any, *, teacher: ModelSpec, world_size: Optional[int] = None) -> None:
+    """The teacher fits its layout: the student's, or ``teacher.parallel`` on the same ranks (#23).
+
+    An own layout must tile the ranks (TP x PP divides the world size) and divide the teacher's
+    heads, KV groups, FFN width (TP) and layers (PP); the message names the ``teacher.parallel`` key.
+    """
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    t_tp, t_pp = cfg.teacher.parallel.resolved(tensor_parallel=tp, pipeline_parallel=pp)
+    if (t_tp, t_pp) == (tp, pp):
+        check_model_parallel(teacher, tp=tp, pp=pp, name="teacher")
+        return
+    key = f"teacher.parallel (tensor_parallel={t_tp}, pipeline_parallel={t_pp})"
+    if world_size is not None and world_size % (t_tp * t_pp):
+        raise ValueError(f"{key}: TP x PP = {t_tp * t_pp} does not divide the world size {world_size}")
+    try:
+        check_model_parallel(teacher, tp=t_tp, pp=t_pp, name="teacher")
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 def check_recompute(mc: Any, *, num_layers: int, pp: int) -> None:

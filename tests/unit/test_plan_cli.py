@@ -35,7 +35,8 @@ def test_plan_runs_on_every_example_config(config, capsys):
     if config.stem == "tiny_cpu":  # its models are here and this machine has no GPU: planned as the CPU run
         assert plan["layout"]["gpu"] == "cpu" and "time_s" not in plan
         return
-    assert set(plan["time_s"]) == {"rollout", "teacher scoring", "student scoring", "gradient pass + optimizer",
+    assert set(plan["time_s"]) == {"rollout", "teacher offload (host -> GPU)", "teacher scoring",
+                                   "teacher hidden transfer", "student scoring", "gradient pass + optimizer",
                                    "weight sync"}
     assert all(t >= 0 for t in plan["time_s"].values()) and plan["time_s"]["gradient pass + optimizer"] > 0
 
