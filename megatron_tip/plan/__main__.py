@@ -7,6 +7,10 @@ import sys
 
 from megatron_tip.plan.devices import DEVICES
 
+# A layout every cluster tiles, to search from when the given one does not (--suggest).
+NEUTRAL_LAYOUT = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "teacher.parallel.tensor_parallel=0",
+                  "teacher.parallel.pipeline_parallel=0", "rollout.tensor_parallel=0"]
+
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_tip.config import load_config
@@ -60,12 +64,22 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--shape {item!r}: expected student=NAME or teacher=NAME")
         shapes[role] = name
     known, planner = split_overrides(args.overrides)
+    refused = ""
     try:
         cfg = load_config(args.config, known)
         gpu = args.gpu if args.gpu != "auto" else default_target(cfg, shapes)
-        inp = inputs_from_config(cfg, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
-                                 teacher_shape=shapes["teacher"], planner=planner,
-                                 attention=args.attention, fused_adam=not args.no_fused_adam, gpus=args.gpus)
+
+        def plan_inputs(c):
+            return inputs_from_config(c, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
+                                      teacher_shape=shapes["teacher"], planner=planner, attention=args.attention,
+                                      fused_adam=not args.no_fused_adam, gpus=args.gpus)
+        try:
+            inp = plan_inputs(cfg)
+        except ValueError as e:  # --suggest on a cluster the given layout does not tile: search from scratch
+            if not (args.suggest and (args.nodes or args.gpus)):
+                raise
+            refused = str(e)
+            inp = plan_inputs(load_config(args.config, known + NEUTRAL_LAYOUT))
         tokens = plan_tokens(cfg, dp=inp.layout.dp, mean_response=args.mean_response_len,
                              histogram=parse_histogram(args.response_histogram) if args.response_histogram else None)
     except (ValueError, FileNotFoundError) as e:
@@ -74,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_plan(inp)
     plan["tokens"] = tokens.to_dict()
     lines = [format_plan(inp, plan, title=args.config), ""] + format_tokens(tokens)
+    if refused:
+        plan = {"refused": refused, "layout": plan["layout"]}
+        lines = [f"TIP step plan: {args.config}", f"  the given layout does not run on this cluster: {refused}"]
     if args.suggest:
         from megatron_tip.plan.suggest import format_suggestions, override_args, suggest
 
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         plan["suggestions"] = [{"overrides": override_args(f["overrides"]), "step_s": f["step_s"],
                                 "peak_bytes": f["peak_bytes"], "peak_phase": f["plan"]["peak_phase"],
                                 "roles": f["plan"]["roles"]} for f in found]
-        lines += [""] + format_suggestions(inp, plan, found)
+        lines += [""] + format_suggestions(inp, None if refused else plan, found)
     print(json.dumps(plan, indent=2) if args.json else "\n".join(lines))
     return 0
 

@@ -9,8 +9,7 @@ headroom (not "tight") and an offloaded teacher fits the host memory.
 """
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Optional
 
 from megatron_tip.models.spec import ModelSpec, check_model_parallel
 from megatron_tip.plan.inputs import PlanInputs
@@ -20,6 +19,7 @@ from megatron_tip.run_checks import check_recompute
 
 GiB = 2**30
 RECOMPUTE = ("none", "selective", "full")
+TIE = 0.01  # step estimates this close to the fastest count as equally fast
 
 
 def _divides(spec: ModelSpec, *, tp: int, pp: int) -> bool:
@@ -133,6 +133,10 @@ def suggest(inp: PlanInputs, cfg: Any, *, top: int = 5) -> list[dict[str, Any]]:
         found.append({"overrides": changes, "step_s": seconds, "peak_bytes": plan["peak_bytes"], "plan": plan,
                       "inputs": cand})
     found.sort(key=lambda f: (f["step_s"], f["peak_bytes"]))
+    if found:  # estimates within TIE of the fastest are one answer to this model: the most headroom first
+        best = found[0]["step_s"]
+        close = sorted((f for f in found if f["step_s"] <= best * (1 + TIE)), key=lambda f: f["peak_bytes"])
+        found = close + [f for f in found if f["step_s"] > best * (1 + TIE)]
     return found[:top]
 
 
@@ -141,20 +145,24 @@ def override_args(changes: dict[str, Any]) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()]
 
 
-def format_suggestions(inp: PlanInputs, plan: dict[str, Any], found: list[dict[str, Any]]) -> list[str]:
-    """The report's ``--suggest`` section: the given config, then the fastest layouts that fit."""
+def format_suggestions(inp: PlanInputs, plan: Optional[dict[str, Any]], found: list[dict[str, Any]]) -> list[str]:
+    """The report's ``--suggest`` section: the given config (``plan``; None when it does not run on
+    this cluster), then the fastest layouts that fit."""
     lay = inp.layout
-    given = sum(plan["time_s"].values())
-    fit = "fits" if plan.get("fits") and not plan.get("tight") else "tight" if plan.get("fits") else "does NOT fit"
-    lines = [f"Suggested layouts on {lay.world} x {inp.device.name} (fastest first; the given config: "
-             f"{given:,.0f} s per step, peak {plan['peak_bytes'] / GiB:.1f} GiB, {fit}):"]
+    if plan is None:
+        given, about = 0.0, "the given layout does not run here"
+    else:
+        given = sum(plan["time_s"].values())
+        fit = "fits" if plan.get("fits") and not plan.get("tight") else "tight" if plan.get("fits") else "does NOT fit"
+        about = f"the given config: {given:,.0f} s per step, peak {plan['peak_bytes'] / GiB:.1f} GiB, {fit}"
+    lines = [f"Suggested layouts on {lay.world} x {inp.device.name} (fastest first; {about}):"]
     if not found:
         lines.append("  none of the searched layouts fits with 5% headroom")
     for i, f in enumerate(found, 1):
         r = f["plan"]["roles"]
         s, t, ro = r["student"], r["teacher"], r["rollout"]
-        speed = given / f["step_s"] if f["step_s"] else math.inf
-        lines.append(f"  {i}. {f['step_s']:,.0f} s per step ({speed:,.1f}x the given), peak "
+        speed = f" ({given / f['step_s']:,.1f}x the given)" if given and f["step_s"] else ""
+        lines.append(f"  {i}. {f['step_s']:,.0f} s per step{speed}, peak "
                      f"{f['peak_bytes'] / GiB:.1f} GiB in the {f['plan']['peak_phase']} phase: student TP={s['tp']} "
                      f"PP={s['pp']} DP={s['dp']}; teacher TP={t['tp']} PP={t['pp']}"
                      f"{' offloaded' if t['offload'] else ''}; rollout {ro['engine']}"
