@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from megatron_tip.models.spec import ModelSpec, check_model_parallel
 from megatron_tip.plan.inputs import PlanInputs
-from megatron_tip.plan.report import build_plan
+from megatron_tip.plan.memory import plan_memory
+from megatron_tip.plan.report import TIGHT, build_plan
 from megatron_tip.plan.roles import host_bytes_per_node
 from megatron_tip.run_checks import check_recompute
 
@@ -124,7 +125,10 @@ def suggest(inp: PlanInputs, cfg: Any, *, top: int = 5) -> list[dict[str, Any]]:
         raise ValueError("--suggest needs a GPU target (--gpu NAME): the search ranks by step time")
     now = current_values(cfg)
     found = []
+    cap = inp.device.memory_bytes * (1 - TIGHT)
     for cand, keys in candidates(inp, cfg):
+        if max(st.peak for st in plan_memory(cand)) > cap:  # memory first: timing only what fits
+            continue
         plan = build_plan(cand)
         if not _fits(cand, plan):
             continue
