@@ -98,14 +98,16 @@ def role_lines(inp: PlanInputs) -> list[str]:
     """The report's per-role layout lines."""
     r = roles(inp)
     t, ro = r["teacher"], r["rollout"]
+    size = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     teacher = (f"  teacher  TP={t['tp']} PP={t['pp']} DP={t['dp']} "
                + ("(own layout, same ranks, time-shared: scores "
                   f"{t['rows_per_dp_rank']} sequences per DP rank, sends each student DP rank its rows, "
-                  f"{t['hidden_recv_bytes_per_rank'] / GiB:.2f} GiB per receiving rank; output layer in the "
+                  f"{size(t['hidden_recv_bytes_per_rank'])} per receiving rank; output layer in the "
                   f"student's TP layout)" if t["own_layout"] else "(the student's layout)"))
     if t["offload"]:
-        teacher += (f"; offload: {t['offload_bytes_per_gpu'] / GiB:.2f} GiB per GPU in host memory outside the "
-                    f"scoring pass ({t['host_bytes_per_node'] / GiB:.1f} GiB per node)")
+        per = "GPU" if inp.device is not None else "process"
+        teacher += (f"; offload: {size(t['offload_bytes_per_gpu'])} per {per} in host memory outside the "
+                    f"scoring pass ({size(t['host_bytes_per_node'])} per node)")
     if ro["engine"] == "vllm":
         mode = "CUDA graphs" if ro["cuda_graphs"] else "eager (enforce_eager)"
         rollout = (f"  rollout  vllm: {ro['engines']} engine(s) x TP={ro['tp']}, {ro['rollouts_per_engine']} "
