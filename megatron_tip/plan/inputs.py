@@ -240,7 +240,8 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         world_size = gpus
         nodes = nodes or math.ceil(gpus / per_node)
     if world_size is None and cpu:
-        world_size = max(tp * pp, t_tp * t_pp)  # a CPU run: this machine, one process per model-parallel rank
+        # a CPU run: this machine, one process per model-parallel rank of the widest role
+        world_size = max(tp * pp, t_tp * t_pp, r_tp if cfg.rollout.engine == "vllm" else 1)
     if world_size is None:
         nodes = nodes or default_nodes(tp, pp, per_node, t_tp * t_pp, r_tp)
         world_size = nodes * per_node

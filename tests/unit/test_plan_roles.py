@@ -134,6 +134,23 @@ def test_layouts_that_cannot_work_fail_naming_the_key(override, match, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
+def test_teacher_layout_checked_against_the_teacher_not_the_student(capsys):
+    """Qwen3-8B's 36 layers do not split into 8 teacher stages; the student's layout is not the measure."""
+    assert main(["--config", QWEN, "teacher.parallel.tensor_parallel=1", "teacher.parallel.pipeline_parallel=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: teacher.parallel (tensor_parallel=1, pipeline_parallel=8): teacher num_layers=36 is not "
+                   "divisible by pipeline_parallel size 8")
+    assert main(["--config", QWEN, "--gpu", "cpu", "--suggest"]) == 2
+    assert "--suggest needs a GPU target" in capsys.readouterr().err
+
+
+def test_hidden_transfer_crosses_nodes_over_infiniband():
+    one = step_time(_inp(QWEN, gpu="h100-80gb"))["teacher hidden transfer"]
+    two = step_time(_inp(QWEN, "train.prompts_per_step=16", gpu="h100-80gb", nodes=2))["teacher hidden transfer"]
+    # the same rows per rank (16 prompts on DP=8 vs 8 on DP=4), NVLink vs InfiniBand per GPU
+    assert two / one == pytest.approx(H100.nvlink_bytes_s / H100.internode_bytes_s)
+
+
 def _reload(path, overrides, **kw):
     """The suggestion applied the way a user applies it: dotted overrides through load_config."""
     return build_plan(_inp(path, *overrides, **kw))
