@@ -53,12 +53,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel)
-        # Per-role layouts: the keys exist so every component reads one schema; each is refused
-        # here until its implementation lands (issue #23). teacher.parallel / teacher.offload:
-        # megatron_tip.teacher.
-        if self.rollout.tensor_parallel not in (0, self.parallel.tensor_parallel):
-            raise ValueError(f"rollout.tensor_parallel={self.rollout.tensor_parallel}: rollout engines with a TP "
-                             f"other than the student's ({self.parallel.tensor_parallel}) are not implemented yet")
         if self.teacher.recompute_granularity != "none":
             raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
                              "activations; activation recomputation applies to the student only")

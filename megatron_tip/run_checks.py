@@ -104,7 +104,7 @@ def check_layout(cfg: Any, *, student: ModelSpec, teacher: ModelSpec, world_size
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by "
                              f"the data-parallel size {dp}")
     check_model_parallel(student, tp=tp, pp=pp, name="student")
-    check_teacher_layout(cfg, teacher=teacher, world_size=world_size)  # teacher.parallel, else the student's
+    check_teacher_layout(cfg, teacher=teacher, world_size=world_size)
     need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, spec in (("student", student), ("teacher", teacher)):
         if need > spec.max_position_embeddings:

@@ -5,6 +5,19 @@
 #   sbatch slurm/train_qwen3.sh                                        # 1 node, config defaults
 #   sbatch --nodes=2 slurm/train_qwen3.sh selection.keep_ratio=0.2     # extra dotted overrides
 #   sbatch slurm/train_qwen3.sh rollout.engine=vllm                    # vLLM rollouts (PP=1)
+#   sbatch --gpus-per-node=4 --export=ALL,CONFIG=examples/configs/qwen25_14b_to_1p5b.yaml slurm/train_qwen3.sh
+#
+# Per-role layouts (config keys, as any override; all roles share the ranks, one after another):
+#   parallel.tensor_parallel / .pipeline_parallel   the student's TP / PP (DP = the rest)
+#   teacher.parallel.tensor_parallel / .pipeline_parallel
+#                                                   the teacher's own TP / PP (0 = the student's)
+#   teacher.offload                                 teacher weights in host memory between scoring
+#                                                   passes (default false)
+#   rollout.tensor_parallel                         TP of each vLLM engine (0 = the student's)
+#   rollout.vllm_enforce_eager                      no CUDA graphs (default: false on CUDA)
+# e.g. sbatch slurm/train_qwen3.sh teacher.parallel.tensor_parallel=0 rollout.tensor_parallel=0
+# (the Qwen3 pair with every role in the student's TP=2 layout). Plan a layout on the job's cluster
+# first: python -m megatron_tip.plan --config CONFIG --nodes N --suggest (docs/planner.md).
 #
 # CPU test partition (no GPUs; the toy pair, 2 cores):
 #   sbatch --gpus-per-node=0 --cpus-per-task=2 --mem=4G --time=00:20:00 \

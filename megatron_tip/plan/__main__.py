@@ -1,4 +1,4 @@
-"""python -m megatron_tip.plan --config CONFIG.yaml [--gpu NAME] [--nodes N] [key=value ...]"""
+"""python -m megatron_tip.plan --config CONFIG.yaml [--gpu NAME] [--nodes N | --gpus N] [--suggest] [key=value ...]"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,10 @@ import json
 import sys
 
 from megatron_tip.plan.devices import DEVICES
+
+# A layout every cluster tiles, to search from when the given one does not (--suggest).
+NEUTRAL_LAYOUT = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "teacher.parallel.tensor_parallel=0",
+                  "teacher.parallel.pipeline_parallel=0", "rollout.tensor_parallel=0"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +26,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (default): this machine's GPU; on a machine without one, its CPU when the "
                          "config's models are here (a CPU run, as the trainer would start it), else h100-80gb; "
                          "cpu: the run on this machine's CPU, one process per TP x PP rank")
-    ap.add_argument("--nodes", type=int, default=None, help="nodes of 8 GPUs (default: fewest holding TP x PP)")
+    ap.add_argument("--nodes", type=int, default=None,
+                    help="nodes of 8 GPUs (default: fewest holding each role's TP x PP)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="GPUs in all (a partial node, e.g. 4; default: --nodes x 8)")
+    ap.add_argument("--suggest", action="store_true",
+                    help="also search the per-role layouts (student TP/PP/DP, teacher TP/PP and offload, rollout "
+                         "engine and TP, recomputation, vLLM sleep) on this cluster and print the fastest that fit")
+    ap.add_argument("--top", type=int, default=5, help="how many --suggest layouts to print (default 5)")
     ap.add_argument("--shape", action="append", default=[], metavar="ROLE=NAME",
                     help="model shape from the table for student/teacher, e.g. --shape student=qwen3-4b "
                          "(default: config.json at the path, else the table entry the path names)")
@@ -53,24 +64,46 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--shape {item!r}: expected student=NAME or teacher=NAME")
         shapes[role] = name
     known, planner = split_overrides(args.overrides)
+    refused = ""
     try:
         cfg = load_config(args.config, known)
         gpu = args.gpu if args.gpu != "auto" else default_target(cfg, shapes)
-        inp = inputs_from_config(cfg, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
-                                 teacher_shape=shapes["teacher"], planner=planner,
-                                 attention=args.attention, fused_adam=not args.no_fused_adam)
+
+        def plan_inputs(c):
+            return inputs_from_config(c, gpu=gpu, nodes=args.nodes, student_shape=shapes["student"],
+                                      teacher_shape=shapes["teacher"], planner=planner, attention=args.attention,
+                                      fused_adam=not args.no_fused_adam, gpus=args.gpus)
+        try:
+            inp = plan_inputs(cfg)
+        except ValueError as e:  # --suggest on a cluster the given layout does not tile: search from scratch
+            if not (args.suggest and (args.nodes or args.gpus)):
+                raise
+            refused = str(e)
+            inp = plan_inputs(load_config(args.config, known + NEUTRAL_LAYOUT))
         tokens = plan_tokens(cfg, dp=inp.layout.dp, mean_response=args.mean_response_len,
                              histogram=parse_histogram(args.response_histogram) if args.response_histogram else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = build_plan(inp)
-    if "rollout.micro_batch_size" in planner:
-        plan["notes"].append("rollout.micro_batch_size is a proposal the trainer does not read yet (the megatron "
-                             "engine samples max(train.micro_batch_size, 8) sequences at a time)")
     plan["tokens"] = tokens.to_dict()
-    print(json.dumps(plan, indent=2) if args.json else
-          "\n".join([format_plan(inp, plan, title=args.config), ""] + format_tokens(tokens)))
+    lines = [format_plan(inp, plan, title=args.config), ""] + format_tokens(tokens)
+    if refused:
+        plan = {"refused": refused, "layout": plan["layout"]}
+        lines = [f"TIP step plan: {args.config}", f"  the given layout does not run on this cluster: {refused}"]
+    if args.suggest:
+        from megatron_tip.plan.suggest import format_suggestions, override_args, suggest
+
+        try:
+            found = suggest(inp, cfg, top=args.top)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        plan["suggestions"] = [{"overrides": override_args(f["overrides"]), "step_s": f["step_s"],
+                                "peak_bytes": f["peak_bytes"], "peak_phase": f["plan"]["peak_phase"],
+                                "roles": f["plan"]["roles"]} for f in found]
+        lines += [""] + format_suggestions(inp, None if refused else plan, found)
+    print(json.dumps(plan, indent=2) if args.json else "\n".join(lines))
     return 0
 
 

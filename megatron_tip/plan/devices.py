@@ -20,6 +20,10 @@ EFFICIENCY = {
 # Eager decode: host launch overhead per transformer layer per generated token (assumed).
 LAUNCH_OVERHEAD_S = {"megatron": 0.30e-3, "vllm": 0.10e-3}
 COLLECTIVE_LATENCY_S = 15e-6  # one small NCCL all-reduce inside a node (assumed)
+# vLLM with CUDA graphs (rollout.vllm_enforce_eager false): one graph replay plus the host's
+# scheduling and sampling per decode step instead of a launch per layer (assumed, not measured).
+GRAPH_STEP_OVERHEAD_S = 0.5e-3
+VLLM_GRAPH_POOL_BYTES = 2**30  # memory of the captured graphs, out of the reservation (assumed)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Device:
     internode_bytes_s: float  # per GPU, per direction (one NIC per GPU)
     pcie_bytes_s: float  # host <-> device, per direction
     gpus_per_node: int = 8
+    host_memory_bytes: int = 2 * 10**12  # per node (DGX H100/H200/A100: 2 TB), for teacher offload
 
     @property
     def memory_gib(self) -> float:

@@ -16,9 +16,8 @@ from megatron_tip.run_checks import check_layout, shared_vocab
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
-# Proposed, not read by the trainer yet: the megatron engine samples max(train.micro_batch_size, 8)
-# sequences at a time. Accepted here to show what a separate rollout batch would change.
-WHAT_IF_KEYS = {"rollout.micro_batch_size": int}
+# Planner-only what-if keys (none today: rollout.micro_batch_size became a trainer key in #27).
+WHAT_IF_KEYS: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
@@ -31,19 +30,48 @@ class Settings:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     vllm_sleep_level: int = 0  # 0 off; 1 offload weights + free KV cache; 2 discard both
+    teacher_offload: bool = False  # teacher.offload: teacher weights in host memory outside the scoring pass
+    vllm_enforce_eager: bool = False  # rollout.vllm_enforce_eager resolved (auto: false on CUDA)
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Per-role layouts on one set of ranks: the student's TP x PP x DP, the teacher's own TP x PP
+    (time-shared on the same ranks; 0 = the student's) and the vLLM engines' TP (0 = the student's)."""
+
     tp: int
     pp: int
     dp: int
     nodes: int = 1
     gpus_per_node: int = 8
+    teacher_tp: int = 0
+    teacher_pp: int = 0
+    rollout_tp: int = 0
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def t_tp(self) -> int:
+        return self.teacher_tp or self.tp
+
+    @property
+    def t_pp(self) -> int:
+        return self.teacher_pp or self.pp
+
+    @property
+    def t_dp(self) -> int:
+        return self.world // (self.t_tp * self.t_pp)
+
+    @property
+    def teacher_own(self) -> bool:
+        """The teacher runs in a layout of its own (its hidden states are redistributed to the student's ranks)."""
+        return (self.t_tp, self.t_pp) != (self.tp, self.pp)
+
+    @property
+    def r_tp(self) -> int:
+        return self.rollout_tp or self.tp
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,8 @@ class Workload:
     fused_output_layer: bool = True  # scoring.fused_output_layer: output layer fused into the reverse KL
     ops_impl: str = "auto"  # scoring.ops_impl: auto | eager | compiled (the ops' chunk kernels)
     fused_chunk_size: Optional[int] = None  # scoring.fused_chunk_size (fused output-layer op)
+    prompts: int = 0  # train.prompts_per_step (global; 0: rollouts x DP with one sample per prompt)
+    samples_per_prompt: int = 1
 
     @property
     def num_microbatches(self) -> int:
@@ -142,14 +172,17 @@ def split_overrides(overrides: list[str], cfg_cls: Any = None) -> tuple[list[str
     return known, planner
 
 
-def settings_from(cfg: Any) -> Settings:
-    """The memory features of the run ``cfg`` (RunConfig)."""
+def settings_from(cfg: Any, *, gpu: Optional[str] = "h100-80gb") -> Settings:
+    """The memory features of the run ``cfg`` (RunConfig) on ``gpu`` ("cpu": vLLM auto-eager)."""
+    eager = cfg.rollout.vllm_enforce_eager
     return Settings(recompute_granularity=cfg.student.recompute_granularity,
                     recompute_method=cfg.student.recompute_method,
                     recompute_num_layers=cfg.student.recompute_num_layers,
                     sequence_parallel=cfg.parallel.sequence_parallel,
                     distributed_optimizer=cfg.optim.distributed_optimizer,
-                    vllm_sleep_level=cfg.rollout.vllm_sleep_level)
+                    vllm_sleep_level=cfg.rollout.vllm_sleep_level,
+                    teacher_offload=bool(cfg.teacher.offload),
+                    vllm_enforce_eager=bool(eager) if eager is not None else gpu == "cpu")
 
 
 def resolve_spec(path: str, shape: Optional[str]) -> tuple[ModelSpec, str]:
@@ -176,9 +209,9 @@ def _runtime(cfg: Any, dev: Optional[Device], attention: Optional[str], fused_ad
     return Runtime(attention=attention or ("unfused" if impl == "local" else "flash"), fused_adam=fused_adam)
 
 
-def default_nodes(tp: int, pp: int, gpus_per_node: int) -> int:
-    """Fewest nodes whose GPUs hold at least one whole tp x pp model replica."""
-    return max(1, math.ceil(tp * pp / gpus_per_node))
+def default_nodes(tp: int, pp: int, gpus_per_node: int, *roles: int) -> int:
+    """Fewest nodes whose GPUs hold at least one whole tp x pp model replica (and each role's ``roles`` ranks)."""
+    return max(1, math.ceil(max(tp * pp, *roles) / gpus_per_node))
 
 
 def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Optional[int] = None,
@@ -186,9 +219,10 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
                        teacher: Optional[ModelSpec] = None, student_shape: Optional[str] = None,
                        teacher_shape: Optional[str] = None, planner: Optional[dict[str, str]] = None,
                        runtime: Optional[Runtime] = None, attention: Optional[str] = None,
-                       fused_adam: bool = True) -> PlanInputs:
+                       fused_adam: bool = True, gpus: Optional[int] = None) -> PlanInputs:
     """PlanInputs for the run ``cfg`` describes, on ``nodes`` x 8 ``gpu`` (or ``world_size`` ranks).
 
+    ``gpus``: a partial node (e.g. 4 of a node's 8 GPUs); it sets ``world_size``.
     ``gpu="cpu"``: the run on this machine's CPU (one process per TP x PP rank unless
     ``world_size``), planned with the CPU runtime and no step time.
 
@@ -199,11 +233,17 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
     cpu = gpu == "cpu"
     dev = lookup_device(gpu) if gpu and not cpu else None
     tp, pp = int(cfg.parallel.tensor_parallel), int(cfg.parallel.pipeline_parallel)
+    t_tp, t_pp = cfg.teacher.parallel.resolved(tensor_parallel=tp, pipeline_parallel=pp)
+    r_tp = int(cfg.rollout.tensor_parallel) or tp
     per_node = dev.gpus_per_node if dev else 8
+    if world_size is None and gpus:
+        world_size = gpus
+        nodes = nodes or math.ceil(gpus / per_node)
     if world_size is None and cpu:
-        world_size = tp * pp  # a CPU run: this machine, one process per model-parallel rank (DP=1)
+        # a CPU run: this machine, one process per model-parallel rank of the widest role
+        world_size = max(tp * pp, t_tp * t_pp, r_tp if cfg.rollout.engine == "vllm" else 1)
     if world_size is None:
-        nodes = nodes or default_nodes(tp, pp, per_node)
+        nodes = nodes or default_nodes(tp, pp, per_node, t_tp * t_pp, r_tp)
         world_size = nodes * per_node
     s_src = t_src = "given"
     if student is None:
@@ -214,12 +254,18 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
     # length, recomputation, vocabulary), refused here with the trainer's own words.
     check_layout(cfg, student=student, teacher=teacher, world_size=world_size)
     dp = world_size // (tp * pp)
+    from megatron_tip.plan.roles import check_rollout_layout
+
+    check_rollout_layout(cfg, student=student, world_size=world_size)
+    r = cfg.rollout
     layout = Layout(tp=tp, pp=pp, dp=dp, nodes=1 if cpu else nodes or math.ceil(world_size / per_node),
-                    gpus_per_node=world_size if cpu else per_node)
+                    gpus_per_node=min(world_size, per_node) if not cpu else world_size,
+                    teacher_tp=t_tp if (t_tp, t_pp) != (tp, pp) else 0,
+                    teacher_pp=t_pp if (t_tp, t_pp) != (tp, pp) else 0,
+                    rollout_tp=r_tp if r.engine == "vllm" and r_tp != tp else 0)
     prompts = int(cfg.train.prompts_per_step)
     sel = cfg.selection
     keep = 1.0 if sel.policy in ("all", "quadrants") else float(sel.keep_ratio)
-    r = cfg.rollout
     mbs = int(cfg.train.micro_batch_size)
     prompt_len = int(cfg.data.max_prompt_len)
     shared = shared_vocab(student.vocab_size, teacher.vocab_size, override=cfg.scoring.vocab_size)
@@ -230,13 +276,14 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=min(mbs, rollouts), keep_ratio=keep,
         score_chunk_tokens=cfg.scoring.score_chunk_tokens, stats_chunk_size=cfg.scoring.stats_chunk_size,
         shared_vocab=int(shared), rollout_engine=r.engine,
-        rollout_micro_batch=int((planner or {}).get("rollout.micro_batch_size")
-                                or max(mbs, 8)),
+        # the megatron engine decodes rollout.micro_batch_size rows at a time (0: all of the rank's)
+        rollout_micro_batch=min(int(r.micro_batch_size) or rollouts, rollouts),
+        prompts=prompts, samples_per_prompt=int(r.samples_per_prompt),
         policy=sel.policy,
         fused_output_layer=bool(cfg.scoring.fused_output_layer), ops_impl=str(cfg.scoring.ops_impl),
         fused_chunk_size=cfg.scoring.fused_chunk_size,
         vllm_gpu_memory_utilization=float(r.vllm_gpu_memory_utilization))
     return PlanInputs(student=student, teacher=teacher, student_dtype=cfg.student.dtype,
-                      teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg),
+                      teacher_dtype=cfg.teacher.dtype, layout=layout, settings=settings_from(cfg, gpu=gpu),
                       workload=workload, runtime=runtime or _runtime(cfg, dev, attention, fused_adam),
                       device=dev, student_source=s_src, teacher_source=t_src)

@@ -19,7 +19,10 @@ from megatron_tip.ops.compiled import AUTO_MIN_VOCAB, row_bucket
 from megatron_tip.ops.fused_linear_rkl import FUSED_CHUNK_BYTES
 from megatron_tip.ops.token_stats import STATS_CHUNK_BYTES as OPS_CHUNK_BYTES
 from megatron_tip.plan.activations import attention_score_buffer_bytes, layer_bytes, stage_activation_bytes
+from megatron_tip.plan.devices import VLLM_GRAPH_POOL_BYTES
 from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
+from megatron_tip.plan.roles import (engine_weight_bytes, hidden_bytes, kv_bytes_per_token, teacher_microbatches,
+                                     teacher_weight_bytes)
 
 GiB = 2**30
 PHASES = ("rollout", "scoring", "gradient", "optimizer")
@@ -54,18 +57,21 @@ def layer_params(spec: ModelSpec, *, tp: int) -> int:
     return n + (2 * d if spec.qk_layernorm else 0)
 
 
-def params_per_rank(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_vocab: int) -> int:
+def params_per_rank(spec: ModelSpec, *, tp: int, pp: int, pp_rank: int, padded_vocab: int,
+                    output_layer: bool = True) -> int:
     """Parameters megatron builds on one (tp, pp) rank, vocab padding included.
 
     Tied embeddings with PP > 1: the last stage keeps its own copy of the word embeddings as the
     output weight (megatron's shared-embedding group), so both end stages hold one.
+    ``output_layer=False``: without the output layer (a teacher in its own layout holds it in the
+    student's TP layout instead, ``roles.teacher_weight_bytes``).
     """
     n = spec.num_layers // pp * layer_params(spec, tp=tp)
     emb = padded_vocab // tp * spec.hidden_size
     if pp_rank == 0:
         n += emb
     if pp_rank == pp - 1:
-        n += spec.hidden_size + (emb if (not spec.tie_word_embeddings or pp > 1) else 0)
+        n += spec.hidden_size + (emb if output_layer and (not spec.tie_word_embeddings or pp > 1) else 0)
     return n
 
 
@@ -87,10 +93,10 @@ def _persistent(inp: PlanInputs, stage: int) -> dict[str, int]:
     lay, st, rt = inp.layout, inp.settings, inp.runtime
     pv = inp.padded_vocab
     n_s = params_per_rank(inp.student, tp=lay.tp, pp=lay.pp, pp_rank=stage, padded_vocab=pv)
-    n_t = params_per_rank(inp.teacher, tp=lay.tp, pp=lay.pp, pp_rank=stage, padded_vocab=pv)
     shard = lay.dp if st.distributed_optimizer else 1
     out = {
-        "teacher weights": n_t * DTYPE_BYTES[inp.teacher_dtype],
+        # offloaded: in host memory, on the GPU during the scoring pass only (_scoring)
+        "teacher weights": 0 if st.teacher_offload else teacher_weight_bytes(inp, stage),
         "student weights": n_s * DTYPE_BYTES[inp.student_dtype],
         "student grads (fp32 buffer)": n_s * 4,
         "student fp32 main params": (n_s * 4 // shard) if inp.student_dtype != "float32" else 0,
@@ -102,8 +108,11 @@ def _persistent(inp: PlanInputs, stage: int) -> dict[str, int]:
     if rt.kind == "gpu":  # p2p send/recv tensors between stages; the SP all-gather buffer
         tokens = w.micro_batch * w.seq_len * DTYPE_BYTES[inp.student_dtype]
         h = max(inp.student.hidden_size, inp.teacher.hidden_size)
-        out["communication buffers (PP p2p, SP gather)"] = (2 * tokens * h if lay.pp > 1 else 0) \
-            + (tokens * h if st.sequence_parallel else 0)
+        # the teacher in its own PP > 1 keeps p2p buffers of its own hidden width
+        own_pp = lay.teacher_own and lay.t_pp > 1
+        h_pp = max(inp.student.hidden_size if lay.pp > 1 else 0, inp.teacher.hidden_size if own_pp or
+                   (lay.pp > 1 and not lay.teacher_own) else 0)
+        out["communication buffers (PP p2p, SP gather)"] = 2 * tokens * h_pp + (tokens * h if st.sequence_parallel else 0)
     if rt.attention == "unfused":  # megatron keeps its Q K^T buffer at the largest size used
         heads = max(inp.student.num_attention_heads, inp.teacher.num_attention_heads)
         spec_like = inp.student if inp.student.num_attention_heads == heads else inp.teacher
@@ -120,9 +129,10 @@ def _persistent(inp: PlanInputs, stage: int) -> dict[str, int]:
     return {k: int(v) for k, v in out.items() if v}
 
 
-def _layer_ws(inp: PlanInputs, spec: ModelSpec, dtype: str, *, seq_len: int, micro_batch: int) -> int:
+def _layer_ws(inp: PlanInputs, spec: ModelSpec, dtype: str, *, seq_len: int, micro_batch: int,
+              tp: int = 0) -> int:
     """Working set of one layer's forward (no grad) or backward: taken as one layer's saved bytes."""
-    return layer_bytes(spec, seq_len=seq_len, micro_batch=micro_batch, tp=inp.layout.tp,
+    return layer_bytes(spec, seq_len=seq_len, micro_batch=micro_batch, tp=tp or inp.layout.tp,
                        sp=inp.settings.sequence_parallel, act_bytes=DTYPE_BYTES[dtype],
                        attention=inp.runtime.attention)
 
@@ -216,14 +226,31 @@ def _scoring(inp: PlanInputs, stage: int) -> dict[str, int]:
     a_s, a_t = DTYPE_BYTES[inp.student_dtype], DTYPE_BYTES[inp.teacher_dtype]
     hs, ht = inp.student.hidden_size, inp.teacher.hidden_size
     mb_tokens = w.micro_batch * w.seq_len
-    fwd = max(_layer_ws(inp, m, d, seq_len=w.seq_len, micro_batch=w.micro_batch)
-              for m, d in ((inp.student, inp.student_dtype), (inp.teacher, inp.teacher_dtype)))
+    own = lay.teacher_own
+    t_fwd = _layer_ws(inp, inp.teacher, inp.teacher_dtype, seq_len=w.seq_len, micro_batch=w.micro_batch,
+                      tp=lay.t_tp)
+    s_fwd = _layer_ws(inp, inp.student, inp.student_dtype, seq_len=w.seq_len, micro_batch=w.micro_batch)
+    fwd = max(s_fwd, t_fwd)
+    # teacher offload: its weights come back for the whole scoring pass
+    loaded = {"teacher weights (loaded from host)": teacher_weight_bytes(inp, stage)} \
+        if inp.settings.teacher_offload else {}
+    moments = []
+    if own:  # its own layout: the teacher's last stage holds its DP share's hidden states, then
+        # sends each student DP rank its rows (assumed: all scored, then redistributed; a copy each)
+        t_hidden = hidden_bytes(inp, teacher_microbatches(inp) * w.micro_batch)
+        mb = hidden_bytes(inp, w.micro_batch)
+        kept = hidden_bytes(inp, w.num_microbatches * w.micro_batch) if stage == lay.pp - 1 else 0
+        moments += [{"teacher hidden, own layout (before the redistribution)": t_hidden - mb,
+                     "teacher forward working set": t_fwd},
+                    {"teacher hidden, own layout (before the redistribution)": t_hidden,
+                     "teacher hidden (kept to the gradient pass)": kept}]
+        fwd = s_fwd
     if stage != lay.pp - 1:
-        return {"forward working set": fwd}
+        moments.append({"forward working set": fwd})
+        return {**loaded, **max(moments, key=lambda m: sum(m.values()))}
     rows = w.num_microbatches * mb_tokens
     c = min(w.score_chunk_tokens, mb_tokens)
     v_local = inp.padded_vocab // lay.tp
-    v_valid = min(v_local, w.shared_vocab)
     hidden = {"teacher hidden (kept to the gradient pass)": rows * ht * a_t,
               "student hidden": rows * hs * a_s}
     stats = {
@@ -235,7 +262,8 @@ def _scoring(inp: PlanInputs, stage: int) -> dict[str, int]:
     }
     forward = {"teacher hidden (kept to the gradient pass)": hidden["teacher hidden (kept to the gradient pass)"],
                "student hidden": hidden["student hidden"] - mb_tokens * hs * a_s, "forward working set": fwd}
-    return stats if sum(stats.values()) >= sum(forward.values()) else forward
+    moments += [stats, forward]
+    return {k: v for k, v in {**loaded, **max(moments, key=lambda m: sum(m.values()))}.items() if v}
 
 
 def _gradient(inp: PlanInputs, stage: int) -> dict[str, int]:
@@ -313,10 +341,9 @@ def plan_memory(inp: PlanInputs) -> list[StageMemory]:
 
 
 def vllm_kv_capacity_tokens(inp: PlanInputs) -> int:
-    """Tokens of KV cache vLLM can hold inside its reservation (after its weight copy)."""
-    s, lay = inp.student, inp.layout
-    act = DTYPE_BYTES[inp.student_dtype]
+    """Tokens of KV cache one vLLM engine (TP_R ranks) can hold inside its per-GPU reservation:
+    after its weight shard, ~2 GiB of profiled activations and, with CUDA graphs, their pool."""
     res = inp.workload.vllm_gpu_memory_utilization * (inp.device.memory_bytes if inp.device else 0)
-    weights = params_per_rank(s, tp=lay.tp, pp=1, pp_rank=0, padded_vocab=inp.padded_vocab) * act
-    per_token = 2 * s.num_layers * max(1, s.num_query_groups // lay.tp) * s.head_dim * act
-    return max(0, math.floor((res - weights - 2 * GiB) / per_token))  # ~2 GiB: vLLM's activation profile
+    graphs = 0 if inp.settings.vllm_enforce_eager else VLLM_GRAPH_POOL_BYTES
+    per_token = kv_bytes_per_token(inp, tp=inp.layout.r_tp)
+    return max(0, math.floor((res - engine_weight_bytes(inp) - 2 * GiB - graphs) / per_token))

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_tip.plan.devices import EFFICIENCY, LAUNCH_OVERHEAD_S
+from megatron_tip.plan.devices import EFFICIENCY, GRAPH_STEP_OVERHEAD_S, LAUNCH_OVERHEAD_S
 from megatron_tip.plan.inputs import PlanInputs
 from megatron_tip.plan.memory import (GiB, PHASES, StageMemory, ops_impl, plan_memory, total_params,
                                       vllm_kv_capacity_tokens)
+from megatron_tip.plan.roles import (host_bytes_per_node, hidden_transfer, rollout_engines, teacher_offload_bytes,
+                                     teacher_rows)
 from megatron_tip.plan.timing import step_time
 
 TIGHT = 0.05  # headroom below this fraction of the device is reported as tight
@@ -36,9 +38,18 @@ def _notes(inp: PlanInputs) -> list[str]:
                      "tokens); planned as keep ratio 1.0, the worst case")
     if w.rollout_engine == "vllm" and inp.device is not None:
         cap = vllm_kv_capacity_tokens(inp)
-        need = w.rollouts * w.seq_len
-        notes.append(f"vLLM KV capacity ~{cap:,} tokens for {need:,} rollout tokens per rank "
+        eng = rollout_engines(inp)
+        need = eng["rollouts"] * w.seq_len
+        notes.append(f"vLLM KV capacity ~{cap:,} tokens per engine (TP={eng['tp']}) for {need:,} rollout tokens "
                      f"({'all at once' if cap >= need else f'{-(-need // max(cap, 1))} waves'})")
+    if w.rollout_engine == "megatron" and lay.rollout_tp:
+        notes.append("rollout.tensor_parallel applies to the vLLM engine only: the megatron engine samples in "
+                     "the student's layout")
+    if st.teacher_offload and inp.device is not None:
+        host = host_bytes_per_node(inp)
+        if host > inp.device.host_memory_bytes:
+            notes.append(f"teacher.offload needs {host / GiB:.0f} GiB of host memory per node, more than the "
+                         f"assumed {inp.device.host_memory_bytes / GiB:.0f} GiB")
     return notes
 
 
@@ -55,6 +66,7 @@ def build_plan(inp: PlanInputs) -> dict[str, Any]:
                    for s in stages],
         "worst_stage": worst.stage, "peak_phase": worst.peak_phase, "peak_bytes": worst.peak,
         "notes": _notes(inp),
+        "roles": roles(inp),
     }
     cap = inp.device.memory_bytes if inp.device is not None else host_memory_bytes() if inp.runtime.kind == "cpu" else 0
     if cap:  # a CPU run is checked against this machine's RAM, shared by its ranks; it has no step-time model
@@ -63,6 +75,47 @@ def build_plan(inp: PlanInputs) -> dict[str, Any]:
     if inp.device is not None:
         out.update(time_s=step_time(inp))
     return out
+
+
+def roles(inp: PlanInputs) -> dict[str, Any]:
+    """Each role's layout and what crosses between them (JSON-friendly)."""
+    lay, w = inp.layout, inp.workload
+    eng = rollout_engines(inp)
+    return {
+        "student": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+        "teacher": {"tp": lay.t_tp, "pp": lay.t_pp, "dp": lay.t_dp, "own_layout": lay.teacher_own,
+                    "rows_per_dp_rank": teacher_rows(inp), "offload": inp.settings.teacher_offload,
+                    "offload_bytes_per_gpu": teacher_offload_bytes(inp),
+                    "host_bytes_per_node": host_bytes_per_node(inp),
+                    "hidden_recv_bytes_per_rank": hidden_transfer(inp)["recv"]},
+        "rollout": {"engine": w.rollout_engine, "tp": eng["tp"], "engines": eng["count"],
+                    "rollouts_per_engine": eng["rollouts"],
+                    "cuda_graphs": w.rollout_engine == "vllm" and not inp.settings.vllm_enforce_eager},
+    }
+
+
+def role_lines(inp: PlanInputs) -> list[str]:
+    """The report's per-role layout lines."""
+    r = roles(inp)
+    t, ro = r["teacher"], r["rollout"]
+    size = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    teacher = (f"  teacher  TP={t['tp']} PP={t['pp']} DP={t['dp']} "
+               + ("(own layout, same ranks, time-shared: scores "
+                  f"{t['rows_per_dp_rank']} sequences per DP rank, sends each student DP rank its rows, "
+                  f"{size(t['hidden_recv_bytes_per_rank'])} per receiving rank; output layer in the "
+                  f"student's TP layout)" if t["own_layout"] else "(the student's layout)"))
+    if t["offload"]:
+        per = "GPU" if inp.device is not None else "process"
+        teacher += (f"; offload: {size(t['offload_bytes_per_gpu'])} per {per} in host memory outside the "
+                    f"scoring pass ({size(t['host_bytes_per_node'])} per node)")
+    if ro["engine"] == "vllm":
+        mode = "CUDA graphs" if ro["cuda_graphs"] else "eager (enforce_eager)"
+        rollout = (f"  rollout  vllm: {ro['engines']} engine(s) x TP={ro['tp']}, {ro['rollouts_per_engine']} "
+                   f"rollouts each, {mode}")
+    else:
+        rollout = (f"  rollout  megatron engine in the student's layout, {inp.workload.rollout_micro_batch} "
+                   f"rollouts at a time per DP rank, eager")
+    return [teacher, rollout]
 
 
 def host_memory_bytes() -> int:
@@ -111,6 +164,7 @@ def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> st
              f"  teacher  {_params(t_n)} params, {inp.teacher_dtype}  <- {inp.teacher_source}",
              f"  layout   {where}: TP={lay.tp} PP={lay.pp} DP={lay.dp}, sequence parallel "
              f"{'on' if st.sequence_parallel else 'off'}",
+             *role_lines(inp),
              f"  memory   recompute {st.recompute_granularity}"
              + (f" ({st.recompute_method}, {st.recompute_num_layers} layer(s))" if st.recompute_granularity == "full"
                 else "")
@@ -146,10 +200,12 @@ def format_plan(inp: PlanInputs, plan: dict[str, Any], *, title: str = "") -> st
         t = plan["time_s"]
         lines += ["", f"Step time estimate: {sum(t.values()):.0f} s per step"]
         lines += [f"  {k:<28}{v:9.1f} s" for k, v in t.items()]
+        graphs = w.rollout_engine == "vllm" and not st.vllm_enforce_eager
+        decode = (f"CUDA-graph decode {GRAPH_STEP_OVERHEAD_S * 1e3:.2f} ms host cost per token" if graphs else
+                  f"eager decode {LAUNCH_OVERHEAD_S[w.rollout_engine if w.rollout_engine in LAUNCH_OVERHEAD_S else 'megatron'] * 1e3:.2f}"
+                  f" ms launch cost per layer per token")
         lines.append(f"  assumptions: GEMM at {EFFICIENCY['gemm']:.0%} of peak bf16, streaming at "
-                     f"{EFFICIENCY['hbm']:.0%} of HBM, links at {EFFICIENCY['link']:.0%}; eager decode "
-                     f"{LAUNCH_OVERHEAD_S[w.rollout_engine if w.rollout_engine in LAUNCH_OVERHEAD_S else 'megatron'] * 1e3:.2f}"
-                     f" ms launch cost per layer per token; no overlap")
+                     f"{EFFICIENCY['hbm']:.0%} of HBM, links at {EFFICIENCY['link']:.0%}; {decode}; no overlap")
     for n in plan["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 from megatron_tip.models.spec import ModelSpec
-from megatron_tip.plan.devices import COLLECTIVE_LATENCY_S, EFFICIENCY, LAUNCH_OVERHEAD_S
+from megatron_tip.plan.devices import COLLECTIVE_LATENCY_S, EFFICIENCY, GRAPH_STEP_OVERHEAD_S, LAUNCH_OVERHEAD_S
 from megatron_tip.plan.inputs import DTYPE_BYTES, PlanInputs
 from megatron_tip.plan.memory import ops_impl, params_per_rank, total_params
+from megatron_tip.plan.roles import (engine_weight_bytes, hidden_transfer, kv_bytes_per_token, rollout_engines,
+                                     teacher_microbatches, teacher_offload_bytes, teacher_rows)
 
 
 def matmul_params_per_layer(spec: ModelSpec) -> int:
@@ -29,22 +31,24 @@ def forward_flops(spec: ModelSpec, *, tokens: float, context: float, logits_toke
     return spec.num_layers * per_layer * tokens + 2 * spec.hidden_size * vocab * logits_tokens
 
 
-def _gemm_s(inp: PlanInputs, flops: float, *, bubble: float = 1.0) -> float:
+def _gemm_s(inp: PlanInputs, flops: float, *, bubble: float = 1.0, ranks: int = 0) -> float:
+    """GEMM seconds of ``flops`` split over ``ranks`` GPUs (default: the student's TP x PP)."""
     lay = inp.layout
-    return flops / (lay.tp * lay.pp) / (inp.device.bf16_flops * EFFICIENCY["gemm"]) * bubble
+    return flops / (ranks or lay.tp * lay.pp) / (inp.device.bf16_flops * EFFICIENCY["gemm"]) * bubble
 
 
 def _hbm_s(inp: PlanInputs, nbytes: float) -> float:
     return nbytes / (inp.device.hbm_bytes_s * EFFICIENCY["hbm"])
 
 
-def _tp_comm_s(inp: PlanInputs, spec: ModelSpec, tokens: float, collectives_per_layer: int, act: int) -> float:
+def _tp_comm_s(inp: PlanInputs, spec: ModelSpec, tokens: float, collectives_per_layer: int, act: int,
+               *, tp: int = 0, pp: int = 0) -> float:
     """Ring all-reduces of [tokens, h] per layer inside the TP group (each GPU sends 2(t-1)/t)."""
-    t = inp.layout.tp
+    t = tp or inp.layout.tp
     if t == 1:
         return 0.0
     nbytes = tokens * spec.hidden_size * act * 2 * (t - 1) / t
-    layers = spec.num_layers / inp.layout.pp
+    layers = spec.num_layers / (pp or inp.layout.pp)
     return layers * collectives_per_layer * nbytes / (inp.device.nvlink_bytes_s * EFFICIENCY["link"])
 
 
@@ -66,6 +70,37 @@ def _scoring(inp: PlanInputs, spec: ModelSpec, dtype: str, *, stats: bool) -> fl
         per = 2 * act + 68 if ops_impl(inp) == "eager" else act
         s += _hbm_s(inp, tokens * inp.padded_vocab / inp.layout.tp * per)
     return s
+
+
+def _teacher_scoring(inp: PlanInputs) -> float:
+    """The teacher's forward: in the student's layout as the student's; in its own layout its
+    backbone over its DP share of the global batch on TP_T x PP_T GPUs, and its output layer (held
+    in the student's TP layout) over the student's rows on the student's ranks."""
+    lay, w, t = inp.layout, inp.workload, inp.teacher
+    if not lay.teacher_own:
+        return _scoring(inp, t, inp.teacher_dtype, stats=False)
+    m_t = teacher_microbatches(inp)
+    tokens_t = teacher_rows(inp) * w.seq_len
+    backbone = forward_flops(t, tokens=tokens_t, context=_context(inp, w.seq_len), logits_tokens=0,
+                             vocab=inp.padded_vocab)
+    sec = _gemm_s(inp, backbone, bubble=(m_t + lay.t_pp - 1) / m_t, ranks=lay.t_tp * lay.t_pp)
+    sec += _tp_comm_s(inp, t, tokens_t, 2, DTYPE_BYTES[inp.teacher_dtype], tp=lay.t_tp, pp=lay.t_pp)
+    tokens_s = w.num_microbatches * w.micro_batch * w.seq_len
+    head = 2 * t.hidden_size * inp.padded_vocab * tokens_s
+    return sec + _gemm_s(inp, head, bubble=(w.num_microbatches + lay.pp - 1) / w.num_microbatches)
+
+
+def _hidden_transfer(inp: PlanInputs) -> float:
+    """Teacher -> student hidden states (own layout): NVLink in a node, InfiniBand across nodes."""
+    moved = max(hidden_transfer(inp).values())
+    link = inp.device.internode_bytes_s if inp.layout.nodes > 1 else inp.device.nvlink_bytes_s
+    return moved / (link * EFFICIENCY["link"])
+
+
+def _teacher_offload(inp: PlanInputs) -> float:
+    """Host -> device copy of the offloaded teacher each step; nothing goes back (frozen weights:
+    the host copy stays valid and the device copy is dropped)."""
+    return teacher_offload_bytes(inp) / (inp.device.pcie_bytes_s * EFFICIENCY["link"])
 
 
 def _gradient(inp: PlanInputs) -> float:
@@ -102,23 +137,35 @@ def _gradient(inp: PlanInputs) -> float:
 
 
 def _rollout(inp: PlanInputs) -> float:
+    """One engine's share of the step's rollouts: waves of prefill + decode steps.
+
+    vLLM: engines of TP_R ranks (``rollout.tensor_parallel``), as many waves as its KV cache needs;
+    a decode step pays a launch per layer when eager, one graph replay with CUDA graphs. Megatron:
+    the student's layout, ``rollout.micro_batch_size`` rows at a time, eager; PP > 1 re-runs the prefix.
+    """
     w, lay, s = inp.workload, inp.layout, inp.student
     act = DTYPE_BYTES[inp.student_dtype]
     layers = s.num_layers
-    weights = params_per_rank(s, tp=lay.tp, pp=1, pp_rank=0, padded_vocab=inp.padded_vocab) * act / lay.pp
-    kv_token = 2 * layers * max(1.0, s.num_query_groups / lay.tp) * s.head_dim * act / lay.pp
+    eng = rollout_engines(inp)
     steps = w.response_len
     if w.rollout_engine == "vllm":
         from megatron_tip.plan.memory import vllm_kv_capacity_tokens
 
-        need = w.rollouts * w.seq_len
+        tp, pp = eng["tp"], 1
+        weights, kv_token = engine_weight_bytes(inp), kv_bytes_per_token(inp, tp=tp)
+        need = eng["rollouts"] * w.seq_len
         cap = max(1, vllm_kv_capacity_tokens(inp))
-        waves, batch = math.ceil(need / cap), min(w.rollouts, max(1, cap // w.seq_len))
-        overhead = LAUNCH_OVERHEAD_S["vllm"]
+        waves, batch = math.ceil(need / cap), min(eng["rollouts"], max(1, cap // w.seq_len))
+        step_overhead = layers * LAUNCH_OVERHEAD_S["vllm"] if inp.settings.vllm_enforce_eager \
+            else GRAPH_STEP_OVERHEAD_S
     else:
+        tp, pp = lay.tp, lay.pp
+        weights = params_per_rank(s, tp=tp, pp=1, pp_rank=0, padded_vocab=inp.padded_vocab) * act / pp
+        kv_token = kv_bytes_per_token(inp, tp=tp) / pp
         batch = w.rollout_micro_batch
         waves = math.ceil(w.rollouts / batch)
         overhead = LAUNCH_OVERHEAD_S["megatron"]
+        step_overhead = layers / pp * overhead
     prefill = forward_flops(s, tokens=batch * w.prompt_len, context=_context(inp, w.prompt_len),
                             logits_tokens=batch, vocab=inp.padded_vocab)
     if w.rollout_engine == "megatron" and lay.pp > 1:
@@ -126,27 +173,32 @@ def _rollout(inp: PlanInputs) -> float:
         tokens = batch * (steps * w.prompt_len + steps * (steps + 1) / 2)
         flops = forward_flops(s, tokens=tokens, context=_context(inp, w.seq_len), logits_tokens=batch * steps,
                               vocab=inp.padded_vocab)
-        per_wave = flops / lay.tp / (inp.device.bf16_flops * EFFICIENCY["gemm"]) + steps * layers * overhead
+        per_wave = flops / tp / (inp.device.bf16_flops * EFFICIENCY["gemm"]) + steps * layers * overhead
         return waves * per_wave
     ctx = w.prompt_len + steps / 2
     decode_bytes = weights + batch * ctx * kv_token
     decode_flops = forward_flops(s, tokens=batch, context=ctx, logits_tokens=batch, vocab=inp.padded_vocab)
-    per_step = max(_hbm_s(inp, decode_bytes), decode_flops / lay.tp / (inp.device.bf16_flops * EFFICIENCY["gemm"]))
-    per_step += layers / lay.pp * overhead + (2 * layers * COLLECTIVE_LATENCY_S if lay.tp > 1 else 0.0)
-    per_wave = _gemm_s(inp, prefill) * lay.pp + steps * per_step
+    per_step = max(_hbm_s(inp, decode_bytes), decode_flops / tp / (inp.device.bf16_flops * EFFICIENCY["gemm"]))
+    per_step += step_overhead + (2 * layers * COLLECTIVE_LATENCY_S if tp > 1 else 0.0)
+    per_wave = _gemm_s(inp, prefill, ranks=tp * pp) * pp + steps * per_step
     return waves * per_wave
 
 
 def _weight_sync(inp: PlanInputs) -> float:
+    """Training layout (TP) -> engine layout (TP_R), bucketed on the GPU (no full host copy):
+    each rank all-gathers every tensor from its TP group bucket by bucket (NVLink), the engine
+    copies its TP_R shard into its weights (HBM), and with sleep level 1 its weights go to host and
+    back every step (PCIe)."""
     if inp.workload.rollout_engine != "vllm":
         return 0.0  # the megatron engine samples with the training weights themselves
     lay, s = inp.layout, inp.student
     total = total_params(s) * DTYPE_BYTES[inp.student_dtype]
     link = EFFICIENCY["link"]
     gather = total * (lay.tp - 1) / lay.tp / (inp.device.nvlink_bytes_s * link)
-    shard = total / lay.tp / (inp.device.pcie_bytes_s * link)
-    sleep = 2 * shard if inp.settings.vllm_sleep_level == 1 else 0.0  # weights to CPU and back every step
-    return gather + total / (inp.device.pcie_bytes_s * link) + shard + sleep
+    shard = total / lay.r_tp
+    load = _hbm_s(inp, 2 * shard)  # read the gathered bucket's shard, write the engine's weight
+    sleep = 2 * shard / (inp.device.pcie_bytes_s * link) if inp.settings.vllm_sleep_level == 1 else 0.0
+    return gather + load + sleep
 
 
 def step_time(inp: PlanInputs) -> dict[str, float]:
@@ -155,7 +207,9 @@ def step_time(inp: PlanInputs) -> dict[str, float]:
         raise ValueError("step_time needs a device (PlanInputs.device)")
     return {
         "rollout": _rollout(inp),
-        "teacher scoring": _scoring(inp, inp.teacher, inp.teacher_dtype, stats=False),
+        "teacher offload (host -> GPU)": _teacher_offload(inp),
+        "teacher scoring": _teacher_scoring(inp),
+        "teacher hidden transfer": _hidden_transfer(inp),
         "student scoring": _scoring(inp, inp.student, inp.student_dtype, stats=True),
         "gradient pass + optimizer": _gradient(inp),
         "weight sync": _weight_sync(inp),

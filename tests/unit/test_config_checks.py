@@ -235,9 +235,9 @@ def test_prompt_order_builds_each_epoch_permutation_once(tmp_path, monkeypatch):
     assert got == want and len(calls) == 4
 
 
-def test_per_role_layout_keys_parse_and_unimplemented_ones_are_refused() -> None:
-    """teacher.parallel / rollout.tensor_parallel are one schema for every component; values whose
-    implementation has not landed fail at load time naming the key, instead of being ignored."""
+def test_per_role_layout_keys_parse() -> None:
+    """teacher.parallel / rollout.tensor_parallel are one schema for every component (#23): they load,
+    resolve to the student's sizes where unset, and refuse negative values naming the key."""
     from megatron_tip.config import load_config
 
     cfg = load_config(None, ["rollout.vllm_enforce_eager=false", "teacher.parallel.tensor_parallel=0"])
@@ -245,7 +245,5 @@ def test_per_role_layout_keys_parse_and_unimplemented_ones_are_refused() -> None
         tensor_parallel=2, pipeline_parallel=1) == (2, 1)
     with pytest.raises(ValueError, match=r"teacher.parallel.tensor_parallel=-1: must be >= 0"):
         load_config(None, ["teacher.parallel.tensor_parallel=-1"])
-    assert load_config(None, ["teacher.parallel.tensor_parallel=2"]).teacher.parallel.tensor_parallel == 2
-    assert load_config(None, ["teacher.offload=true"]).teacher.offload is True
-    with pytest.raises(ValueError, match="rollout.tensor_parallel=2"):
-        load_config(None, ["rollout.tensor_parallel=2"])
+    own = load_config(None, ["teacher.parallel.tensor_parallel=2", "teacher.offload=true", "rollout.tensor_parallel=2"])
+    assert own.teacher.own_layout and own.teacher.offload and own.rollout.tensor_parallel == 2
