@@ -9,7 +9,7 @@ The YAMLs carry the per-role layouts the planner's ``--suggest`` ranks fastest a
 fit with 5% headroom (``tests/unit/test_plan_cli.py`` checks that they still are). ``CLUSTER``
 holds each pair's cluster; ``PROPOSED`` what the planner proposes beyond the YAML (an empty list:
 the YAML is the proposal). ``BEFORE`` is the configs' state before the per-role layouts (commit
-``BEFORE_COMMIT``, read with git) with the step estimate main's planner printed for it then.
+``BEFORE_COMMIT``, copied to docs/planner/before/) with the step estimate main's planner printed for it then.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +61,9 @@ def report(name: str, *, proposed: bool = False, extra: list[str] = (), json_out
 
 def before_report(name: str, *, json_out: bool = True) -> tuple[int, str]:
     """The config as it was at BEFORE_COMMIT, planned by this planner on its cluster then."""
-    text = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE_COMMIT}:examples/configs/{name}.yaml"],
-                          check=True, capture_output=True, text=True).stdout
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.yaml"
-        path.write_text(text)
-        return _run(["--config", str(path), *(["--json"] if json_out else [])])
+    # a copy kept in docs (a shallow clone, as CI may use, lacks the old commit)
+    path = REPO / "docs" / "planner" / "before" / f"{name}.yaml"
+    return _run(["--config", str(path), *(["--json"] if json_out else [])])
 
 
 # (label, overrides) rows of the variants table, per config (the proposal is added where there is one)
