@@ -56,14 +56,12 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel)
+        self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel,
+                                    tensor_parallel=self.parallel.tensor_parallel)
         # Per-role layouts: the keys exist so every component reads one schema; each is refused
         # here until its implementation lands (issue #23).
         if self.teacher.own_layout or self.teacher.offload:
             raise ValueError("teacher.parallel / teacher.offload: a teacher layout of its own is not implemented yet")
-        if self.rollout.tensor_parallel not in (0, self.parallel.tensor_parallel):
-            raise ValueError(f"rollout.tensor_parallel={self.rollout.tensor_parallel}: rollout engines with a TP "
-                             f"other than the student's ({self.parallel.tensor_parallel}) are not implemented yet")
         if self.teacher.recompute_granularity != "none":
             raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
                              "activations; activation recomputation applies to the student only")
