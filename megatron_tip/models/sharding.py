@@ -131,8 +131,9 @@ def iter_canonical_buckets(
 
     Each bucket holds full tensors of at most ``bucket_bytes`` (a tensor larger than that comes
     alone); its TP shards are packed into one flat buffer per rank, gathered once and cut back
-    into full tensors, so no rank ever holds more than one bucket of gathered weights when the
-    consumer drops each bucket before asking for the next. Tensors that are not TP-split are
+    into full tensors, so no rank holds more than one bucket of gathered weights (two while a
+    bucket is being cut from its gather buffer) when the consumer drops each bucket before
+    asking for the next. Tensors that are not TP-split are
     the parameters themselves (detached, no copy): the consumer must not modify them. Every TP
     rank gets the same buckets, in parameter order.
     """
