@@ -52,7 +52,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel)
+        self.rollout.check_parallel(pipeline_parallel=self.parallel.pipeline_parallel,
+                                    tensor_parallel=self.parallel.tensor_parallel)
         if self.teacher.recompute_granularity != "none":
             raise ValueError("teacher.recompute_granularity: the teacher runs without gradients and keeps no "
                              "activations; activation recomputation applies to the student only")

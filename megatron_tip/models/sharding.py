@@ -113,6 +113,72 @@ def gather_canonical_state_dict(
     return out
 
 
+def _full_bytes(param: torch.Tensor, *, tp: int) -> int:
+    """Bytes of ``param``'s full (TP-gathered) tensor, known before any collective."""
+    split = _tp_meta(param)[0] is not None and tp > 1
+    return param.numel() * param.element_size() * (tp if split else 1)
+
+
+def iter_canonical_buckets(
+    model: torch.nn.Module,
+    *,
+    tp_group=None,
+    layer_offset: int = 0,
+    vocab_size: int,
+    bucket_bytes: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Canonical tensors of this pipeline stage in buckets, one all-gather per bucket (collective).
+
+    Each bucket holds full tensors of at most ``bucket_bytes`` (a tensor larger than that comes
+    alone); its TP shards are packed into one flat buffer per rank, gathered once and cut back
+    into full tensors, so no rank holds more than one bucket of gathered weights (two while a
+    bucket is being cut from its gather buffer) when the consumer drops each bucket before
+    asking for the next. Tensors that are not TP-split are
+    the parameters themselves (detached, no copy): the consumer must not modify them. Every TP
+    rank gets the same buckets, in parameter order.
+    """
+    tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, param in _param_items(model):
+        if tied and name == "output_layer.weight":
+            continue  # last-stage copy of the tied embedding (PP>1)
+        nbytes = _full_bytes(param, tp=tp)
+        if pending and (size + nbytes > bucket_bytes or param.dtype != pending[0][1].dtype):
+            yield _gather_bucket(pending, tp=tp, tp_group=tp_group, layer_offset=layer_offset, vocab_size=vocab_size)
+            pending, size = [], 0
+        pending.append((name, param))
+        size += nbytes
+    if pending:
+        yield _gather_bucket(pending, tp=tp, tp_group=tp_group, layer_offset=layer_offset, vocab_size=vocab_size)
+
+
+def _gather_bucket(params: list[tuple[str, torch.Tensor]], *, tp: int, tp_group, layer_offset: int,
+                   vocab_size: int) -> dict[str, torch.Tensor]:
+    split = [(n, p) for n, p in params if tp > 1 and _tp_meta(p)[0] is not None]
+    full: dict[str, torch.Tensor] = {}
+    if split:
+        flat = torch.cat([p.detach().reshape(-1) for _, p in split])
+        shards = [torch.empty_like(flat) for _ in range(tp)]
+        dist.all_gather(shards, flat, group=tp_group)
+        del flat
+        start = 0
+        for name, p in split:
+            n = p.numel()
+            dim, stride = _tp_meta(p)
+            full[name] = _join_from_ranks([s[start:start + n].view(p.shape) for s in shards], dim=dim, stride=stride)
+            start += n
+        del shards
+    out = {}
+    for name, p in params:
+        value = full.pop(name) if name in full else p.detach()
+        if name in _VOCAB_PARAMS or name.endswith("word_embeddings.weight"):
+            value = value[:vocab_size]
+        out[_global_name(name, layer_offset)] = value
+    return out
+
+
 def layer_offset(num_layers: int, *, pp: int, pp_rank: int) -> int:
     """First global layer index held by pipeline stage ``pp_rank`` (even split)."""
     return (num_layers // pp) * pp_rank

@@ -46,10 +46,27 @@ class RolloutConfig:
             raise ValueError(f"temperature=0 (greedy) with samples_per_prompt={self.samples_per_prompt} gives "
                              f"identical samples (vLLM refuses it): set samples_per_prompt=1 or temperature>0")
 
-    def check_parallel(self, *, pipeline_parallel: int) -> None:
-        """Engine constraints on the parallel layout, checked when the run config is composed."""
+    def check_parallel(self, *, pipeline_parallel: int, tensor_parallel: int) -> None:
+        """Engine constraints on the student's layout, checked when the run config is composed."""
         if self.engine == "vllm":
             check_vllm_pipeline(pipeline_parallel)
+        tp = self.tensor_parallel
+        if tp in (0, tensor_parallel):
+            return
+        if self.engine == "megatron":
+            raise ValueError(f"rollout.tensor_parallel={tp}: rollout.engine=megatron samples with the student "
+                             f"itself, in its layout (parallel.tensor_parallel={tensor_parallel}); set 0")
+        if tp > tensor_parallel or tensor_parallel % tp:
+            raise ValueError(f"rollout.tensor_parallel={tp} must divide parallel.tensor_parallel={tensor_parallel} "
+                             f"(each student TP group holds a whole number of engines)")
+
+    def engine_tensor_parallel(self, *, student_tensor_parallel: int) -> int:
+        """The rollout engines' TP size: ``tensor_parallel``, or the student's when 0."""
+        return self.tensor_parallel or student_tensor_parallel
+
+    def enforce_eager(self, *, cuda: bool) -> bool:
+        """vLLM without CUDA graphs: ``vllm_enforce_eager``, or (null) true on CPU, false on CUDA."""
+        return (not cuda) if self.vllm_enforce_eager is None else self.vllm_enforce_eager
 
     def sampling(self, *, seed: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The training rollouts' SamplingParams."""

