@@ -13,10 +13,10 @@
 #                                                   the teacher's own TP / PP (0 = the student's)
 #   teacher.offload                                 teacher weights in host memory between scoring
 #                                                   passes (default false)
-#   rollout.tensor_parallel                         TP of each vLLM engine (0 = the student's)
+#   rollout.tensor_parallel                         TP of each vLLM engine, dividing the student's (0 = the student's)
 #   rollout.vllm_enforce_eager                      no CUDA graphs (default: false on CUDA)
 # e.g. sbatch slurm/train_qwen3.sh teacher.parallel.tensor_parallel=0 rollout.tensor_parallel=0
-# (the Qwen3 pair with every role in the student's TP=2 layout). Plan a layout on the job's cluster
+# (the Qwen3 pair with every role in the student's TP=4 layout). Plan a layout on the job's cluster
 # first: python -m megatron_tip.plan --config CONFIG --nodes N --suggest (docs/planner.md).
 #
 # CPU test partition (no GPUs; the toy pair, 2 cores):

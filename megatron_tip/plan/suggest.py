@@ -56,7 +56,9 @@ def candidates(inp: PlanInputs, cfg: Any) -> list[tuple[PlanInputs, dict[str, An
             if not _divides(inp.teacher, tp=t_tp or tp, pp=t_pp or pp):
                 continue
             for engine in engines:
-                r_tps = [r for r in range(1, per_node + 1) if per_node % r == 0 and world % r == 0
+                # vLLM engines: a divisor of the student's TP (each student TP group holds whole
+                # engines; what the vLLM engine implements, rollout/colocated.py)
+                r_tps = [r for r in range(1, tp + 1) if tp % r == 0
                          and inp.student.num_attention_heads % r == 0] if engine == "vllm" else [0]
                 for r_tp in r_tps:
                     for offload in (False, True):

@@ -245,5 +245,8 @@ def test_per_role_layout_keys_parse() -> None:
         tensor_parallel=2, pipeline_parallel=1) == (2, 1)
     with pytest.raises(ValueError, match=r"teacher.parallel.tensor_parallel=-1: must be >= 0"):
         load_config(None, ["teacher.parallel.tensor_parallel=-1"])
-    own = load_config(None, ["teacher.parallel.tensor_parallel=2", "teacher.offload=true", "rollout.tensor_parallel=2"])
-    assert own.teacher.own_layout and own.teacher.offload and own.rollout.tensor_parallel == 2
+    own = load_config(None, ["teacher.parallel.tensor_parallel=2", "teacher.offload=true", "parallel.tensor_parallel=2",
+                             "rollout.engine=vllm", "rollout.tensor_parallel=1"])
+    assert own.teacher.own_layout and own.teacher.offload and own.rollout.tensor_parallel == 1
+    with pytest.raises(ValueError, match="rollout.tensor_parallel=2 must divide parallel.tensor_parallel=1"):
+        load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel=2"])

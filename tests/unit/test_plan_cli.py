@@ -82,7 +82,7 @@ def test_preflight_text_on_cpu():
 
     cfg = load_config(str(REPO / "examples/configs/qwen3_8b_to_4b.yaml"))
     text = preflight(cfg, SimpleNamespace(world_size=8), SHAPES["qwen3-4b"].spec(), SHAPES["qwen3-8b"].spec())
-    assert text.startswith("TIP step plan: preflight") and "TP=2 PP=1 DP=4" in text and "peak" in text
+    assert text.startswith("TIP step plan: preflight") and "TP=4 PP=1 DP=2" in text and "peak" in text
 
 
 def test_a_cpu_config_is_planned_as_the_cpu_run(capsys):

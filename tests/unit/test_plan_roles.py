@@ -99,8 +99,8 @@ def test_cuda_graphs_drop_the_per_layer_launch_cost_of_every_decoded_token():
     graphs = _inp(QWEN, gpu="h100-80gb")
     eager = _inp(QWEN, "rollout.vllm_enforce_eager=true", gpu="h100-80gb")
     assert not graphs.settings.vllm_enforce_eager and eager.settings.vllm_enforce_eager  # null: false on CUDA
-    waves = 1  # the TP=8 engine holds all 128 x 10,240 tokens with or without the graph pool
-    assert all(-(-128 * 10240 // vllm_kv_capacity_tokens(i)) == waves for i in (graphs, eager))
+    waves = 1  # each TP=4 engine holds its 64 x 10,240 tokens with or without the graph pool
+    assert all(-(-64 * 10240 // vllm_kv_capacity_tokens(i)) == waves for i in (graphs, eager))
     per_token = 36 * LAUNCH_OVERHEAD_S["vllm"] - GRAPH_STEP_OVERHEAD_S
     assert step_time(eager)["rollout"] - step_time(graphs)["rollout"] == pytest.approx(waves * 8192 * per_token)
     # the megatron engine is always eager: the key does not change it
@@ -114,11 +114,11 @@ def test_per_role_layout_is_printed(capsys):
     out = capsys.readouterr().out
     assert "layout   8 x h100-80gb (1 node): TP=4 PP=1 DP=2" in out
     assert "teacher  TP=2 PP=4 DP=1 (own layout" in out and "offload: 17.41 GiB per GPU" in out
-    assert "rollout  vllm: 1 engine(s) x TP=8, 128 rollouts each, CUDA graphs" in out
+    assert "rollout  vllm: 2 engine(s) x TP=4, 64 rollouts each, CUDA graphs" in out
     assert main(["--config", QWEN, "--json", "teacher.parallel.tensor_parallel=0", "rollout.tensor_parallel=0"]) == 0
     roles = json.loads(capsys.readouterr().out)["roles"]
-    assert roles["teacher"] == {**roles["teacher"], "tp": 2, "pp": 1, "dp": 4, "own_layout": False}
-    assert roles["rollout"] == {**roles["rollout"], "engine": "vllm", "tp": 2, "engines": 4, "cuda_graphs": True}
+    assert roles["teacher"] == {**roles["teacher"], "tp": 4, "pp": 1, "dp": 2, "own_layout": False}
+    assert roles["rollout"] == {**roles["rollout"], "engine": "vllm", "tp": 4, "engines": 2, "cuda_graphs": True}
 
 
 @pytest.mark.parametrize("override,match", [
@@ -126,7 +126,7 @@ def test_per_role_layout_is_printed(capsys):
                                            "teacher.parallel.tensor_parallel (3) x teacher.parallel.pipeline_parallel (4) = 12"),
     ("teacher.parallel.pipeline_parallel=3", "teacher.parallel.pipeline_parallel (3) = 6"),
     ("teacher.parallel.tensor_parallel=16", "teacher.parallel.tensor_parallel (16) x teacher.parallel.pipeline_parallel (4) = 64"),
-    ("rollout.tensor_parallel=3", "rollout.tensor_parallel=3 does not divide the world size 8"),
+    ("rollout.tensor_parallel=3", "rollout.tensor_parallel=3 must divide parallel.tensor_parallel=4"),
 ])
 def test_layouts_that_cannot_work_fail_naming_the_key(override, match, capsys):
     assert main(["--config", LLAMA, "--nodes", "1", override]) == 2

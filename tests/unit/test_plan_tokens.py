@@ -57,7 +57,7 @@ def test_plan_cli_reports_the_padding_factor_and_keeps_the_worst_case(capsys):
     assert main(["--config", str(CONFIG), "--mean-response-len", "2500", "train.packing=thd"]) == 0
     out = capsys.readouterr().out  # THD rows hold no pad position
     assert "this config: THD packing, train.packing=thd (10,240 per micro-batch" in out and "padding factor 1.00" in out
-    assert "worst case 327.7k" in out  # 32 rollouts per DP rank x (2,048 + 8,192)
+    assert "worst case 655.4k" in out  # 64 rollouts per DP rank (DP=2) x (2,048 + 8,192)
     assert main(["--config", str(CONFIG), "--json", "--response-histogram", "1024:1",
                  "train.max_tokens_per_microbatch=20480"]) == 0
     tokens = json.loads(capsys.readouterr().out)["tokens"]
