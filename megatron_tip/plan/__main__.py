@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = build_plan(inp)
-    if "rollout.micro_batch_size" in planner:
-        plan["notes"].append("rollout.micro_batch_size is a proposal the trainer does not read yet (the megatron "
-                             "engine samples max(train.micro_batch_size, 8) sequences at a time)")
     plan["tokens"] = tokens.to_dict()
     print(json.dumps(plan, indent=2) if args.json else
           "\n".join([format_plan(inp, plan, title=args.config), ""] + format_tokens(tokens)))

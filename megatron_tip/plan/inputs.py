@@ -16,9 +16,9 @@ from megatron_tip.run_checks import check_layout, shared_vocab
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
-# Proposed, not read by the trainer yet: the megatron engine samples max(train.micro_batch_size, 8)
-# sequences at a time. Accepted here to show what a separate rollout batch would change.
-WHAT_IF_KEYS = {"rollout.micro_batch_size": int}
+# What-if keys the planner accepts but the trainer does not read (none at present: the rollout
+# batch, once one, is the trainer's own rollout.micro_batch_size).
+WHAT_IF_KEYS: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
@@ -230,8 +230,8 @@ def inputs_from_config(cfg: Any, *, gpu: Optional[str] = "h100-80gb", nodes: Opt
         prompt_len=prompt_len, response_len=int(r.max_new_tokens), micro_batch=min(mbs, rollouts), keep_ratio=keep,
         score_chunk_tokens=cfg.scoring.score_chunk_tokens, stats_chunk_size=cfg.scoring.stats_chunk_size,
         shared_vocab=int(shared), rollout_engine=r.engine,
-        rollout_micro_batch=int((planner or {}).get("rollout.micro_batch_size")
-                                or max(mbs, 8)),
+        # the megatron engine's decode batch: rollout.micro_batch_size, 0 = all of the rank's rollouts
+        rollout_micro_batch=min(int(r.micro_batch_size) or rollouts, rollouts),
         policy=sel.policy,
         fused_output_layer=bool(cfg.scoring.fused_output_layer), ops_impl=str(cfg.scoring.ops_impl),
         fused_chunk_size=cfg.scoring.fused_chunk_size,
