@@ -38,6 +38,11 @@ class ScoringConfig:
     # Gradient pass: output layer fused into the reverse KL (no [n_kept, V/TP] logits held);
     # false applies both output layers and then the loss, as before (same math, more memory).
     fused_output_layer: bool = True
+    # One student forward per step (PP=1, fused output layer; ignored otherwise): the scoring pass
+    # keeps the student's graph and the gradient pass backpropagates from its kept positions, instead
+    # of a no-grad scoring forward plus a second forward. Same numbers; memory: every micro-batch's
+    # student activations live until the gradient pass (small models: the toy; docs/speed.md).
+    one_student_forward: bool = False
 
     def __post_init__(self) -> None:
         one_of("ops_impl", self.ops_impl, IMPLS)
@@ -56,10 +61,17 @@ class ScoredBatch:
     teacher_hidden: list[torch.Tensor]  # per micro-batch [s, b, H] (last stage; else empty)
     stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each in the padded view, 0 at unscored positions
     # (last stage; else None)
+    student_hidden: Optional[list[torch.Tensor]] = None  # per micro-batch [s, b, H] with the student's
+    # graph (scoring.one_student_forward); None: the gradient pass runs its own forward
 
 
-def final_hidden(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
-    """Final hidden states [S, b, H] per micro-batch (last stage; [] elsewhere); no logits computed."""
+def final_hidden(model: torch.nn.Module, mbs: list[dict], *, with_graph: bool = False) -> list[torch.Tensor]:
+    """Final hidden states [S, b, H] per micro-batch (last stage; [] elsewhere); no logits computed.
+
+    ``with_graph``: PP=1 only; the forward records autograd (train mode) and the states keep it.
+    """
+    if with_graph:
+        return _hidden_with_graph(model, mbs)
     hidden: list[torch.Tensor] = []
     device = mbs[0]["input_ids"].device if mbs else torch.device("cpu")
     empty = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device))
@@ -69,6 +81,19 @@ def final_hidden(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
 
     with capture_hidden(model, hidden):
         run_microbatches(model, mbs, no_loss, forward_only=True, prepare=lambda mb: output_positions(model, empty))
+    return hidden
+
+
+def _hidden_with_graph(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
+    hidden = []
+    model.train()  # the mode the gradient pass runs in
+    with torch.enable_grad():
+        for mb in mbs:
+            s, b = mb["input_ids"].shape[1], mb["input_ids"].shape[0]
+            grid = torch.arange(s * b, device=mb["input_ids"].device)
+            with output_positions(model, (grid % b, grid // b), hidden_only=True):  # all positions, s-major
+                out = model(mb["input_ids"], mb["position_ids"], None)  # [1, s*b, H]
+            hidden.append(out[0].reshape(s, b, -1))
     return hidden
 
 
@@ -93,20 +118,23 @@ def token_stats(student: torch.nn.Module, teacher: torch.nn.Module, mb: dict, hs
 
 @torch.no_grad()
 def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: torch.nn.Module,
-                cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> ScoredBatch:
+                cfg: ScoringConfig, vocab_size: int, tp_group: Any, keep_student_graph: bool = False) -> ScoredBatch:
     """Teacher hidden states (kept) and the student's token statistics for every position of ``batch``.
 
-    Each micro-batch's stats [b, s] are scattered back to its rows and positions of the padded
+    ``keep_student_graph`` (PP=1): the student's final hidden states keep their autograd graph
+    (``ScoredBatch.student_hidden``) for the gradient pass. Each micro-batch's stats [b, s] are scattered back to its rows and positions of the padded
     [B, S] view (``mb["rows"]``, positions 0..s-1), so selection sees the same tensors in any layout.
     """
     teacher_hidden = final_hidden(teacher, mbs)  # kept for the gradient pass
-    student_hidden = final_hidden(student, mbs)  # dropped after scoring
+    # dropped after scoring, unless the gradient pass backpropagates through them (one_student_forward)
+    student_hidden = final_hidden(student, mbs, with_graph=keep_student_graph)
     stats = None
     for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden):
-        part = token_stats(student, teacher, mb, hs, ht, cfg=cfg, vocab_size=vocab_size, tp_group=tp_group)
+        part = token_stats(student, teacher, mb, hs.detach(), ht, cfg=cfg, vocab_size=vocab_size,
+                           tp_group=tp_group)
         if stats is None:
             stats = {k: torch.zeros(batch.valid.shape, dtype=v.dtype, device=v.device) for k, v in part.items()}
         rows, s = mb["rows"], mb["input_ids"].shape[1]
         for k, v in part.items():
             stats[k][rows, :s] = v[: rows.numel()]
-    return ScoredBatch(batch, mbs, teacher_hidden, stats)
+    return ScoredBatch(batch, mbs, teacher_hidden, stats, student_hidden if keep_student_graph else None)

@@ -166,3 +166,29 @@ def _run_without_pipeline(model, microbatches, on_output, *, forward_only: bool,
     if not forward_only and config.finalize_model_grads_func is not None:
         config.finalize_model_grads_func([model], total_tokens if config.calculate_per_token_loss else None)
     return reports
+
+
+def backward_microbatches(model: torch.nn.Module, losses: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """PP=1: backpropagate per-micro-batch losses whose forwards already ran (graphs kept by the caller).
+
+    ``losses[i]()`` returns (loss_sum, num_tokens) of micro-batch i. The contract of
+    ``_run_without_pipeline``: each loss sum backpropagated as is, gradient sync deferred (``no_sync``)
+    until the last one, ``finalize_model_grads`` given the summed token count.
+    """
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    no_sync = config.no_sync_func or contextlib.nullcontext
+    total_tokens = None
+    last = len(losses) - 1
+    for i, loss_of in enumerate(losses):
+        with no_sync() if i < last else contextlib.nullcontext():
+            loss, num_tokens = loss_of()
+            total_tokens = num_tokens.clone() if total_tokens is None else total_tokens + num_tokens
+            if config.grad_scale_func is not None:
+                loss = config.grad_scale_func(loss)
+            if loss.requires_grad:
+                torch.autograd.backward(loss)
+    if config.finalize_model_grads_func is not None and losses:
+        config.finalize_model_grads_func([model], total_tokens if config.calculate_per_token_loss else None)
+
