@@ -15,7 +15,9 @@ interleaves them step by step (rotating which one goes first), so all see the sa
 Same work on both sides, checked: the same prompts, fp32 models, our stop ids as TRL's EOS, and
 TRL samples in eval mode (HF ``Trainer.training_step`` leaves the model in train mode; dropout
 is disabled either way); the mean response length of each side is printed. Printed: median step time
-and its rollout / non-rollout parts for each and the ratios TRL/ours (> 1: ours is faster), peak
+and its rollout / non-rollout parts for each and the ratios TRL/ours (> 1: ours is faster), the same
+for the CPU time each process used (time.process_time: 1 thread, so less sensitive to a loaded
+machine than wall time), selection's share of ours, peak
 RSS of each process, wall time, and the held-out accuracy after the run (first ``--eval-limit``
 held-out prompts; T=1.0 mean@4 and greedy; TRL's student sampled with HF ``generate``, ours with
 its rollout engine; both graded by ``megatron_tip.eval.grading``).
@@ -73,11 +75,22 @@ def _ours(conn, config: str, overrides: list[str], steps: int, eval_limit: int) 
                    "seed": cfg.train.seed, "temperature": cfg.rollout.temperature,
                    "dtypes": (cfg.student.dtype, cfg.teacher.dtype), "stop_ids": list(parts.stop_ids),
                    "threads": torch.get_num_threads()})
+        rollout, cpu = trainer.rollout, {}
+
+        def timed_rollout(step):
+            c = time.process_time()
+            try:
+                return rollout(step)
+            finally:
+                cpu["rollout"] = time.process_time() - c
+
+        trainer.rollout = timed_rollout
         while (cmd := conn.recv())[0] == "step":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m = trainer.train_step(cmd[1])
             total = time.perf_counter() - t0
             conn.send({"total": total, "rollout": m["time_rollout_s"], "loss": m.get("loss"),
+                       "cpu": time.process_time() - c0, "cpu_rollout": cpu["rollout"],
                        "response_len": m["response_len"], "select": m["time_select_s"]})
         t1 = trainer.evaluate(parts.eval_dataset, limit=eval_limit, samples=4, temperature=1.0)
         greedy = trainer.evaluate(parts.eval_dataset, limit=eval_limit, temperature=0.0)
@@ -158,11 +171,12 @@ def _trl(conn, student: str, teacher: str) -> None:
             # HF Trainer.training_step leaves the model in train mode; sample in eval mode as our
             # engine does (dropout is off either way: disable_dropout, and the toy has none).
             model.eval()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 out = generate(model, inputs, generation_config)
             finally:
                 timing["rollout"] = time.perf_counter() - t
+                timing["cpu_rollout"] = time.process_time() - c
                 model.train()
             prompt_w = inputs["prompts"].shape[1]
             timing["response_len"] = float(out[1][:, prompt_w:].sum()) / out[1].shape[0]
@@ -173,7 +187,7 @@ def _trl(conn, student: str, teacher: str) -> None:
         conn.send("ready")
         while (cmd := conn.recv())[0] == "step":
             rows = [p for p in job["steps"][cmd[1]] for _ in range(samples)]  # prompt-major, as ours
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ids, mask = _left_pad(rows, job["pad_id"])
             inputs = {"prompts": ids, "prompt_attention_mask": mask, "input_ids": ids, "attention_mask": mask,
                       "labels": torch.full_like(ids, -100)}
@@ -184,6 +198,7 @@ def _trl(conn, student: str, teacher: str) -> None:
             model.zero_grad(set_to_none=True)
             total = time.perf_counter() - t0
             conn.send({"total": total, "rollout": timing["rollout"], "loss": float(loss),
+                       "cpu": time.process_time() - c0, "cpu_rollout": timing["cpu_rollout"],
                        "response_len": timing["response_len"]})
         heldout = job["heldout"]
         kw = dict(pad_id=job["pad_id"], max_new_tokens=job["max_new_tokens"], samples=4)
@@ -247,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
         kept = steps[args.warmup:]
         rows[name] = {"step_s": _med([s["total"] for s in kept]), "rollout_s": _med([s["rollout"] for s in kept]),
                       "other_s": _med([s["total"] - s["rollout"] for s in kept]),
+                      "cpu_s": _med([s["cpu"] for s in kept]), "cpu_rollout_s": _med([s["cpu_rollout"] for s in kept]),
+                      "cpu_other_s": _med([s["cpu"] - s["cpu_rollout"] for s in kept]),
                       "response_len": statistics.mean(s["response_len"] for s in steps), **final[name]}
         if "select" in kept[0]:
             rows[name]["select_s"] = _med([s["select"] for s in kept])
@@ -255,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"interleaved; wall {wall:.0f} s for all; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ours = [n for n in names if n != "trl"]
     print(f"{'':24}" + "".join(f"{n:>14}" for n in names) + "".join(f"{'TRL/' + n:>18}" for n in ours))
-    for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)")):
+    for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)"),
+                       ("cpu_s", "step CPU time (s)"), ("cpu_rollout_s", "rollout CPU (s)"),
+                       ("cpu_other_s", "non-rollout CPU (s)")):
         print(f"{label:24}" + "".join(f"{rows[n][key]:14.3f}" for n in names)
               + "".join(f"{t[key] / rows[n][key]:18.2f}" for n in ours))
     print(f"{'  of it selection (s)':24}" + "".join(f"{rows[n]['select_s']:14.3f}" for n in ours) + f"{'-':>14}")
