@@ -92,9 +92,11 @@ def _ours(conn, config: str, overrides: list[str], steps: int, eval_limit: int) 
             conn.send({"total": total, "rollout": m["time_rollout_s"], "loss": m.get("loss"),
                        "cpu": time.process_time() - c0, "cpu_rollout": cpu["rollout"],
                        "response_len": m["response_len"], "select": m["time_select_s"]})
+        rss_train = _peak_rss_mib()
         t1 = trainer.evaluate(parts.eval_dataset, limit=eval_limit, samples=4, temperature=1.0)
         greedy = trainer.evaluate(parts.eval_dataset, limit=eval_limit, temperature=0.0)
-        conn.send({"acc_t1": t1["eval_acc_T1"], "acc_greedy": greedy["eval_acc_greedy"], "rss": _peak_rss_mib()})
+        conn.send({"acc_t1": t1["eval_acc_T1"], "acc_greedy": greedy["eval_acc_greedy"], "rss": _peak_rss_mib(),
+                   "rss_train": rss_train})
         destroy_parallel()
 
 
@@ -200,10 +202,11 @@ def _trl(conn, student: str, teacher: str) -> None:
             conn.send({"total": total, "rollout": timing["rollout"], "loss": float(loss),
                        "cpu": time.process_time() - c0, "cpu_rollout": timing["cpu_rollout"],
                        "response_len": timing["response_len"]})
-        heldout = job["heldout"]
+        heldout, rss_train = job["heldout"], _peak_rss_mib()
         kw = dict(pad_id=job["pad_id"], max_new_tokens=job["max_new_tokens"], samples=4)
         conn.send({"acc_t1": _hf_accuracy(model, tok, heldout, greedy=False, **kw),
-                   "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib()})
+                   "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib(),
+                   "rss_train": rss_train})
 
 
 def _med(xs: list[float]) -> float:
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
               + "".join(f"{t[key] / rows[n][key]:18.2f}" for n in ours))
     print(f"{'  of it selection (s)':24}" + "".join(f"{rows[n]['select_s']:14.3f}" for n in ours) + f"{'-':>14}")
     print(f"{'response tokens/rollout':24}" + "".join(f"{rows[n]['response_len']:14.1f}" for n in names))
-    print(f"{'peak RSS (MiB)':24}" + "".join(f"{rows[n]['rss']:14.0f}" for n in names))
+    print(f"{'peak RSS training (MiB)':24}" + "".join(f"{rows[n]['rss_train']:14.0f}" for n in names))
+    print(f"{'peak RSS with eval (MiB)':24}" + "".join(f"{rows[n]['rss']:14.0f}" for n in names))
     print(f"{'held-out T=1 mean@4':24}" + "".join(f"{100 * rows[n]['acc_t1']:13.1f}%" for n in names))
     print(f"{'held-out greedy':24}" + "".join(f"{100 * rows[n]['acc_greedy']:13.1f}%" for n in names))
     if len(ours) == 2:
