@@ -1,7 +1,7 @@
 """scoring.one_student_forward (issue #27): the gradient pass backpropagates through the scoring
 forward's graph instead of running a second student forward. The reference is the two-forward path
 (itself checked against megatron's schedule, test_forward_no_pipeline.py): same token statistics and
-the same gradients, at DP=2 with several micro-batches, for Soft-OR top-50% and all-token selection."""
+the same gradients, at DP=2 and at TP=2 with several micro-batches, for Soft-OR top-50% and all-token selection."""
 import dataclasses
 
 import pytest
@@ -13,7 +13,7 @@ from tests.helpers.trainer_cases import make_pair, overrides
 pytestmark = pytest.mark.timeout(300)
 
 
-def _grads_both_ways(rank, world, root, teacher, student):
+def _grads_both_ways(rank, world, root, teacher, student, tp):
     from megatron_tip.build import build
     from megatron_tip.config import load_config
     from megatron_tip.distributed import init_parallel
@@ -21,7 +21,7 @@ def _grads_both_ways(rank, world, root, teacher, student):
     from megatron_tip.trainer import Trainer
 
     cfg = load_config(None, overrides(root, teacher, student, **{"train.micro_batch_size": 1}))
-    ctx = init_parallel(1, pp=1)
+    ctx = init_parallel(tp, pp=1)
     parts = build(cfg, ctx)
     trainer = Trainer(cfg, ctx, parts)
     _, rollouts = trainer.rollout(0)
@@ -40,9 +40,10 @@ def _grads_both_ways(rank, world, root, teacher, student):
     return out, len(scored.microbatches)
 
 
-def test_one_student_forward_equals_two(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_one_student_forward_equals_two(tmp_path, tp):
     teacher, student = make_pair(tmp_path)
-    for out, n_mb in run_distributed(_grads_both_ways, 2, tmp_path, teacher, student, timeout=240):
+    for out, n_mb in run_distributed(_grads_both_ways, 2, tmp_path, teacher, student, tp, timeout=240):
         assert n_mb > 1
         for policy in ("topk", "all"):
             (r_stats, r_grads, r_kept), (o_stats, o_grads, o_kept) = out[policy, False], out[policy, True]
