@@ -30,6 +30,8 @@ class ScoredBatch:
     teacher_hidden: list[torch.Tensor]  # per micro-batch [s, b, H] (last stage; else empty)
     stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each in the padded view, 0 at unscored positions
     # (last stage; else None)
+    student_hidden: Optional[list[torch.Tensor]] = None  # per micro-batch [s, b, H] with the student's
+    # graph (scoring.one_student_forward); None: the gradient pass runs its own forward
 
 
 def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.Tensor,
@@ -53,19 +55,23 @@ def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.
 
 @torch.no_grad()
 def score_batch(batch: PaddedBatch, mbs: list[dict], *, student: torch.nn.Module, teacher: Teacher,
-                cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> ScoredBatch:
+                cfg: ScoringConfig, vocab_size: int, tp_group: Any, keep_student_graph: bool = False) -> ScoredBatch:
     """Teacher hidden states (kept) and the student's token statistics for every position of ``batch``.
 
     Each micro-batch's stats [b, s] are scattered back to its rollouts' positions of the padded
     [B, S] view (``rollout.layout.to_padded``), so selection sees the same tensors in any layout.
+    ``keep_student_graph`` (PP=1): the student's final hidden states keep their autograd graph
+    (``ScoredBatch.student_hidden``) for the gradient pass.
     """
     teacher_hidden = teacher.final_hidden(batch, mbs)  # kept for the gradient pass (collective)
-    student_hidden = final_hidden(student, mbs)  # dropped after scoring
+    # dropped after scoring, unless the gradient pass backpropagates through them (one_student_forward)
+    student_hidden = final_hidden(student, mbs, with_graph=keep_student_graph)
     stats = None
     for mb, hs, ht in zip(mbs, student_hidden, teacher_hidden):
-        part = token_stats(student, teacher, mb, hs, ht, cfg=cfg, vocab_size=vocab_size, tp_group=tp_group)
+        part = token_stats(student, teacher, mb, hs.detach(), ht, cfg=cfg, vocab_size=vocab_size,
+                           tp_group=tp_group)
         if stats is None:
             stats = {k: torch.zeros(batch.valid.shape, dtype=v.dtype, device=v.device) for k, v in part.items()}
         for k, v in part.items():
             to_padded(mb, v, stats[k])
-    return ScoredBatch(batch, mbs, teacher_hidden, stats)
+    return ScoredBatch(batch, mbs, teacher_hidden, stats, student_hidden if keep_student_graph else None)

@@ -59,6 +59,11 @@ class ScoringConfig:
     # Gradient pass: output layer fused into the reverse KL (no [n_kept, V/TP] logits held);
     # false applies both output layers and then the loss, as before (same math, more memory).
     fused_output_layer: bool = True
+    # One student forward per step (PP=1, fused output layer; ignored otherwise): the scoring pass
+    # keeps the student's graph and the gradient pass backpropagates from its kept positions, instead
+    # of a no-grad scoring forward plus a second forward. Same numbers; memory: every micro-batch's
+    # student activations live until the gradient pass (small models: the toy; docs/speed.md).
+    one_student_forward: bool = False
 
     def __post_init__(self) -> None:
         one_of("ops_impl", self.ops_impl, IMPLS)

@@ -20,7 +20,7 @@ from megatron_tip.distributed import from_last_stage
 from megatron_tip.eval.heldout import count_correct, heldout_accuracy
 from megatron_tip.loss import kept_linear_reverse_kl_loss, kept_reverse_kl_loss
 from megatron_tip.metrics_log import peak_memory_gb
-from megatron_tip.models.forward import output_positions, output_weight, run_microbatches
+from megatron_tip.models.forward import backward_microbatches, output_positions, output_weight, run_microbatches
 from megatron_tip.rollout.base import SamplingParams
 from megatron_tip.rollout.layout import PaddedBatch, from_padded, pad_rollouts, processed_tokens, step_microbatches
 from megatron_tip.rollout.weight_sync import sync_weights
@@ -107,7 +107,14 @@ class Trainer:
         rows = min(tc.micro_batch_size, batch.input_ids.shape[0])  # never more rows than rollouts
         mbs = step_microbatches(batch, size=rows, max_tokens=tc.max_tokens_per_microbatch, packing=tc.packing)
         return score_batch(batch, mbs, student=self.p.student, teacher=self.p.teacher, cfg=self.cfg.scoring,
-                           vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group)
+                           vocab_size=self.p.vocab_size, tp_group=self.ctx.tp_group,
+                           keep_student_graph=self.one_student_forward)
+
+    @property
+    def one_student_forward(self) -> bool:
+        """scoring.one_student_forward where it applies: PP=1 and the fused output layer."""
+        sc = self.cfg.scoring
+        return sc.one_student_forward and sc.fused_output_layer and self.ctx.pp == 1
 
     def all_finite(self, scored: ScoredBatch) -> bool:
         """Whether every statistic the selection reads is finite (a vote of all ranks)."""
@@ -173,6 +180,19 @@ class Trainer:
         p.student.train()
         p.student.zero_grad_buffer()
         p.optimizer.zero_grad()
+        if scored.student_hidden is not None:  # the scoring forward's graph: no second forward
+            hidden = scored.student_hidden
+            scored.student_hidden = None  # each graph is freed by its backward
+
+            def loss_of(i, mb):
+                b_idx, s_idx = index_of[i]
+                loss, n, _ = on_output(mb, hidden[i][s_idx, b_idx].unsqueeze(0))
+                hidden[i] = None
+                return loss, n
+
+            backward_microbatches(p.student, [lambda i=i, mb=mb: loss_of(i, mb)
+                                              for i, mb in enumerate(scored.microbatches)])
+            return
         run_microbatches(p.student, scored.microbatches, on_output, forward_only=False, prepare=prepare)
 
     # ---- 5. optimizer ---------------------------------------------------------------------------------

@@ -10,17 +10,21 @@ a batch of the 16 prompts each repeated 4 times; one TRL step is ``trainer.train
 the LR step, i.e. HF Trainer's inner loop without its dataloader. Ours: ``Trainer.train_step``
 (rollout, scoring, selection, gradient pass, optimizer, per-step metrics incl. grading the rollouts).
 
-Each framework runs in its own process with 1 thread; the parent interleaves them step by step
-(alternating which one goes first), so both see the same machine load. Printed: median step time
-and its rollout / non-rollout parts for each and the ratios TRL/ours (> 1: ours is faster), peak
+Each side (ours per ``--selection``, and TRL) runs in its own process with 1 thread; the parent
+interleaves them step by step (rotating which one goes first), so all see the same machine load.
+Same work on both sides, checked: the same prompts, fp32 models, our stop ids as TRL's EOS, and
+TRL samples in eval mode (HF ``Trainer.training_step`` leaves the model in train mode; dropout
+is disabled either way); the mean response length of each side is printed. Printed: median step time
+and its rollout / non-rollout parts for each and the ratios TRL/ours (> 1: ours is faster), the same
+for the CPU time each process used (time.process_time: 1 thread, so less sensitive to a loaded
+machine than wall time), selection's share of ours, peak
 RSS of each process, wall time, and the held-out accuracy after the run (first ``--eval-limit``
 held-out prompts; T=1.0 mean@4 and greedy; TRL's student sampled with HF ``generate``, ours with
 its rollout engine; both graded by ``megatron_tip.eval.grading``).
 
 Needs TRL (``pip install -e .[bench]``, in a venv of its own: it must not replace the CPU torch):
 
-    OMP_NUM_THREADS=1 python tools/bench_vs_trl.py --steps 60 --selection all
-    OMP_NUM_THREADS=1 python tools/bench_vs_trl.py --steps 60 --selection soft_or
+    OMP_NUM_THREADS=1 python tools/bench_vs_trl.py --steps 60 --selection all soft_or
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ def _threads() -> None:
 
 def _ours(conn, config: str, overrides: list[str], steps: int, eval_limit: int) -> None:
     _threads()
+    import torch
+
     from megatron_tip.build import build
     from megatron_tip.config import load_config
     from megatron_tip.distributed import destroy_parallel, init_parallel
@@ -66,15 +72,31 @@ def _ours(conn, config: str, overrides: list[str], steps: int, eval_limit: int) 
                    "heldout": [(p.ids, p.answer) for p in heldout], "pad_id": parts.pad_id,
                    "samples": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
                    "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps, "clip": cfg.optim.clip_grad,
-                   "seed": cfg.train.seed, "temperature": cfg.rollout.temperature})
+                   "seed": cfg.train.seed, "temperature": cfg.rollout.temperature,
+                   "dtypes": (cfg.student.dtype, cfg.teacher.dtype), "stop_ids": list(parts.stop_ids),
+                   "threads": torch.get_num_threads()})
+        rollout, cpu = trainer.rollout, {}
+
+        def timed_rollout(step):
+            c = time.process_time()
+            try:
+                return rollout(step)
+            finally:
+                cpu["rollout"] = time.process_time() - c
+
+        trainer.rollout = timed_rollout
         while (cmd := conn.recv())[0] == "step":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m = trainer.train_step(cmd[1])
             total = time.perf_counter() - t0
-            conn.send({"total": total, "rollout": m["time_rollout_s"], "loss": m.get("loss")})
+            conn.send({"total": total, "rollout": m["time_rollout_s"], "loss": m.get("loss"),
+                       "cpu": time.process_time() - c0, "cpu_rollout": cpu["rollout"],
+                       "response_len": m["response_len"], "select": m["time_select_s"]})
+        rss_train = _peak_rss_mib()
         t1 = trainer.evaluate(parts.eval_dataset, limit=eval_limit, samples=4, temperature=1.0)
         greedy = trainer.evaluate(parts.eval_dataset, limit=eval_limit, temperature=0.0)
-        conn.send({"acc_t1": t1["eval_acc_T1"], "acc_greedy": greedy["eval_acc_greedy"], "rss": _peak_rss_mib()})
+        conn.send({"acc_t1": t1["eval_acc_T1"], "acc_greedy": greedy["eval_acc_greedy"], "rss": _peak_rss_mib(),
+                   "rss_train": rss_train})
         destroy_parallel()
 
 
@@ -123,6 +145,9 @@ def _trl(conn, student: str, teacher: str) -> None:
 
     job = conn.recv()
     torch.manual_seed(job["seed"])
+    # Same work as ours: fp32 both models (our config's dtypes), one thread, our stop ids as EOS.
+    assert job["dtypes"] == ("float32", "float32"), f"TRL side runs fp32; ours is {job['dtypes']}"
+    assert job["threads"] == 1 == torch.get_num_threads()
     tok = AutoTokenizer.from_pretrained(student)
     s_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     t_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
@@ -141,21 +166,30 @@ def _trl(conn, student: str, teacher: str) -> None:
         trainer.create_optimizer_and_scheduler(num_training_steps=n_steps)
         trainer.current_gradient_accumulation_steps = 1  # what HF Trainer's loop sets before training_step
         generate = trainer.generate_on_policy_outputs
+        trainer.generation_config.eos_token_id = job["stop_ids"]
         timing = {}
 
-        def timed_generate(*a, **k):
-            t = time.perf_counter()
+        def timed_generate(model, inputs, generation_config):
+            # HF Trainer.training_step leaves the model in train mode; sample in eval mode as our
+            # engine does (dropout is off either way: disable_dropout, and the toy has none).
+            model.eval()
+            t, c = time.perf_counter(), time.process_time()
             try:
-                return generate(*a, **k)
+                out = generate(model, inputs, generation_config)
             finally:
                 timing["rollout"] = time.perf_counter() - t
+                timing["cpu_rollout"] = time.process_time() - c
+                model.train()
+            prompt_w = inputs["prompts"].shape[1]
+            timing["response_len"] = float(out[1][:, prompt_w:].sum()) / out[1].shape[0]
+            return out
 
         trainer.generate_on_policy_outputs = timed_generate
         model = trainer.model
         conn.send("ready")
         while (cmd := conn.recv())[0] == "step":
             rows = [p for p in job["steps"][cmd[1]] for _ in range(samples)]  # prompt-major, as ours
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ids, mask = _left_pad(rows, job["pad_id"])
             inputs = {"prompts": ids, "prompt_attention_mask": mask, "input_ids": ids, "attention_mask": mask,
                       "labels": torch.full_like(ids, -100)}
@@ -165,11 +199,14 @@ def _trl(conn, student: str, teacher: str) -> None:
             trainer.lr_scheduler.step()
             model.zero_grad(set_to_none=True)
             total = time.perf_counter() - t0
-            conn.send({"total": total, "rollout": timing["rollout"], "loss": float(loss)})
-        heldout = job["heldout"]
+            conn.send({"total": total, "rollout": timing["rollout"], "loss": float(loss),
+                       "cpu": time.process_time() - c0, "cpu_rollout": timing["cpu_rollout"],
+                       "response_len": timing["response_len"]})
+        heldout, rss_train = job["heldout"], _peak_rss_mib()
         kw = dict(pad_id=job["pad_id"], max_new_tokens=job["max_new_tokens"], samples=4)
         conn.send({"acc_t1": _hf_accuracy(model, tok, heldout, greedy=False, **kw),
-                   "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib()})
+                   "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib(),
+                   "rss_train": rss_train})
 
 
 def _med(xs: list[float]) -> float:
@@ -179,8 +216,9 @@ def _med(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
-    ap.add_argument("--selection", choices=sorted(SELECTIONS), default="all",
-                    help="ours: all-token loss or the config's Soft-OR top 50%% (TRL: always all tokens)")
+    ap.add_argument("--selection", choices=sorted(SELECTIONS), nargs="+", default=["all"],
+                    help="ours: all-token loss and/or the config's Soft-OR top 50%% (one process each, "
+                         "interleaved with TRL's, which always trains on all tokens)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--eval-limit", type=int, default=200)
@@ -189,33 +227,35 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     models = ROOT / "examples/toy/models"
-    overrides = SELECTIONS[args.selection] + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-    overrides += args.overrides
+    extra = ([f"train.seed={args.seed}"] if args.seed is not None else []) + args.overrides
     spawn = mp.get_context("spawn")
-    ours_c, ours_w = spawn.Pipe()
-    trl_c, trl_w = spawn.Pipe()
     t_start = time.perf_counter()
-    procs = [spawn.Process(target=_ours, args=(ours_w, args.config, overrides, args.steps, args.eval_limit)),
-             spawn.Process(target=_trl, args=(trl_w, str(models / "student"), str(models / "teacher")))]
+    conns, procs = {}, []
+    for sel in dict.fromkeys(args.selection):
+        conns[f"ours:{sel}"], w = spawn.Pipe()
+        procs.append(spawn.Process(target=_ours, args=(w, args.config, SELECTIONS[sel] + extra, args.steps,
+                                                       args.eval_limit)))
+    conns["trl"], w = spawn.Pipe()
+    procs.append(spawn.Process(target=_trl, args=(w, str(models / "student"), str(models / "teacher"))))
     for p in procs:
         p.start()
-    job = ours_c.recv()
-    trl_c.send(job)
-    assert trl_c.recv() == "ready"
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    jobs = [c.recv() for n, c in conns.items() if n != "trl"]
+    assert all(j["steps"] == jobs[0]["steps"] for j in jobs), "every side samples the same prompts"
+    conns["trl"].send(jobs[0])
+    assert conns["trl"].recv() == "ready"
+    names = list(conns)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     for step in range(args.steps):
-        order = [("ours", ours_c), ("trl", trl_c)][:: 1 if step % 2 == 0 else -1]
-        for name, conn in order:
-            conn.send(("step", step))
-            runs[name].append(conn.recv())
+        k = step % len(names)  # rotate who goes first: every side sees the same machine load
+        for name in names[k:] + names[:k]:
+            conns[name].send(("step", step))
+            runs[name].append(conns[name].recv())
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step}: ours {runs['ours'][-1]['total']:.2f} s (loss {runs['ours'][-1]['loss']:.4f}), "
-                  f"TRL {runs['trl'][-1]['total']:.2f} s (loss {runs['trl'][-1]['loss']:.4f})", flush=True)
-    final = {}
-    for name, conn in (("ours", ours_c), ("trl", trl_c)):
+            print(f"step {step}: " + ", ".join(f"{n} {runs[n][-1]['total']:.2f} s (loss {runs[n][-1]['loss']:.4f})"
+                                                for n in names), flush=True)
+    for conn in conns.values():
         conn.send(("eval",))
-    for name, conn in (("ours", ours_c), ("trl", trl_c)):
-        final[name] = conn.recv()
+    final = {n: c.recv() for n, c in conns.items()}
     for p in procs:
         p.join()
     wall = time.perf_counter() - t_start
@@ -223,19 +263,32 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name, steps in runs.items():
         kept = steps[args.warmup:]
-        total = _med([s["total"] for s in kept])
-        roll = _med([s["rollout"] for s in kept])
-        rest = _med([s["total"] - s["rollout"] for s in kept])
-        rows[name] = {"step_s": total, "rollout_s": roll, "other_s": rest, **final[name]}
-    o, t = rows["ours"], rows["trl"]
-    print(f"\nbench_vs_trl: {args.steps} steps, selection={args.selection}, medians over steps "
-          f">= {args.warmup}, 1 thread each, interleaved; wall {wall:.0f} s for both")
-    print(f"{'':22}{'ours':>10}{'TRL':>10}{'TRL/ours':>10}")
-    for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)")):
-        print(f"{label:22}{o[key]:10.3f}{t[key]:10.3f}{t[key] / o[key]:10.2f}")
-    print(f"{'peak RSS (MiB)':22}{o['rss']:10.0f}{t['rss']:10.0f}")
-    print(f"{'held-out T=1 mean@4':22}{100 * o['acc_t1']:9.1f}%{100 * t['acc_t1']:9.1f}%")
-    print(f"{'held-out greedy':22}{100 * o['acc_greedy']:9.1f}%{100 * t['acc_greedy']:9.1f}%")
+        rows[name] = {"step_s": _med([s["total"] for s in kept]), "rollout_s": _med([s["rollout"] for s in kept]),
+                      "other_s": _med([s["total"] - s["rollout"] for s in kept]),
+                      "cpu_s": _med([s["cpu"] for s in kept]), "cpu_rollout_s": _med([s["cpu_rollout"] for s in kept]),
+                      "cpu_other_s": _med([s["cpu"] - s["cpu_rollout"] for s in kept]),
+                      "response_len": statistics.mean(s["response_len"] for s in steps), **final[name]}
+        if "select" in kept[0]:
+            rows[name]["select_s"] = _med([s["select"] for s in kept])
+    t = rows["trl"]
+    print(f"\nbench_vs_trl: {args.steps} steps, medians over steps >= {args.warmup}, 1 thread each, "
+          f"interleaved; wall {wall:.0f} s for all; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    ours = [n for n in names if n != "trl"]
+    print(f"{'':24}" + "".join(f"{n:>14}" for n in names) + "".join(f"{'TRL/' + n:>18}" for n in ours))
+    for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)"),
+                       ("cpu_s", "step CPU time (s)"), ("cpu_rollout_s", "rollout CPU (s)"),
+                       ("cpu_other_s", "non-rollout CPU (s)")):
+        print(f"{label:24}" + "".join(f"{rows[n][key]:14.3f}" for n in names)
+              + "".join(f"{t[key] / rows[n][key]:18.2f}" for n in ours))
+    print(f"{'  of it selection (s)':24}" + "".join(f"{rows[n]['select_s']:14.3f}" for n in ours) + f"{'-':>14}")
+    print(f"{'response tokens/rollout':24}" + "".join(f"{rows[n]['response_len']:14.1f}" for n in names))
+    print(f"{'peak RSS training (MiB)':24}" + "".join(f"{rows[n]['rss_train']:14.0f}" for n in names))
+    print(f"{'peak RSS with eval (MiB)':24}" + "".join(f"{rows[n]['rss']:14.0f}" for n in names))
+    print(f"{'held-out T=1 mean@4':24}" + "".join(f"{100 * rows[n]['acc_t1']:13.1f}%" for n in names))
+    print(f"{'held-out greedy':24}" + "".join(f"{100 * rows[n]['acc_greedy']:13.1f}%" for n in names))
+    if len(ours) == 2:
+        a, b = (rows[f"ours:{x}"]["step_s"] for x in ("soft_or", "all"))
+        print(f"Soft-OR 50% / all-token step time (ours): {a / b:.3f}")
     return rows
 
 

@@ -88,11 +88,16 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits[:, 0]
 
 
-def final_hidden(model: torch.nn.Module, mbs: list[dict], *, pg_collection: Any = None) -> list[torch.Tensor]:
-    """No-grad final hidden states [s, b, H] per micro-batch (last stage; [] elsewhere); no logits computed.
+def final_hidden(model: torch.nn.Module, mbs: list[dict], *, pg_collection: Any = None,
+                 with_graph: bool = False) -> list[torch.Tensor]:
+    """Final hidden states [s, b, H] per micro-batch (last stage; [] elsewhere); no logits computed.
 
-    ``pg_collection``: as in :func:`run_microbatches` (a model in a layout of its own).
+    No grad unless ``with_graph`` (PP=1 only): then the forward records autograd in train mode and
+    the states keep it (``scoring.one_student_forward``). ``pg_collection``: as in
+    :func:`run_microbatches` (a model in a layout of its own).
     """
+    if with_graph:
+        return _hidden_with_graph(model, mbs)
     hidden: list[torch.Tensor] = []
     device = mbs[0]["input_ids"].device if mbs else torch.device("cpu")
     empty = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device))
@@ -104,6 +109,21 @@ def final_hidden(model: torch.nn.Module, mbs: list[dict], *, pg_collection: Any 
         run_microbatches(model, mbs, no_loss, forward_only=True, prepare=lambda mb: output_positions(model, empty),
                          pg_collection=pg_collection)
     return hidden
+
+
+def _hidden_with_graph(model: torch.nn.Module, mbs: list[dict]) -> list[torch.Tensor]:
+    hidden = []
+    model.train()  # the mode the gradient pass runs in
+    with torch.enable_grad():
+        for mb in mbs:
+            b, s = mb["input_ids"].shape
+            grid = torch.arange(s * b, device=mb["input_ids"].device)
+            with output_positions(model, (grid % b, grid // b), hidden_only=True):  # all positions, s-major
+                out = model(mb["input_ids"], mb["position_ids"], None, **packed_seq_kwargs(mb))  # [1, s*b, H]
+            hidden.append(out[0].reshape(s, b, -1))
+    return hidden
+
+
 def packed_seq_kwargs(mb: dict[str, Any]) -> dict[str, Any]:
     """``packed_seq_params`` for a THD micro-batch (``cu_seqlens`` int32 [n+1], ``max_seqlen``); {} otherwise.
 
@@ -213,3 +233,29 @@ def _run_without_pipeline(model, microbatches, on_output, *, forward_only: bool,
     if not forward_only and config.finalize_model_grads_func is not None:
         config.finalize_model_grads_func([model], total_tokens if config.calculate_per_token_loss else None)
     return reports
+
+
+def backward_microbatches(model: torch.nn.Module, losses: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """PP=1: backpropagate per-micro-batch losses whose forwards already ran (graphs kept by the caller).
+
+    ``losses[i]()`` returns (loss_sum, num_tokens) of micro-batch i. The contract of
+    ``_run_without_pipeline``: each loss sum backpropagated as is, gradient sync deferred (``no_sync``)
+    until the last one, ``finalize_model_grads`` given the summed token count.
+    """
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    no_sync = config.no_sync_func or contextlib.nullcontext
+    total_tokens = None
+    last = len(losses) - 1
+    for i, loss_of in enumerate(losses):
+        with no_sync() if i < last else contextlib.nullcontext():
+            loss, num_tokens = loss_of()
+            total_tokens = num_tokens.clone() if total_tokens is None else total_tokens + num_tokens
+            if config.grad_scale_func is not None:
+                loss = config.grad_scale_func(loss)
+            if loss.requires_grad:
+                torch.autograd.backward(loss)
+    if config.finalize_model_grads_func is not None and losses:
+        config.finalize_model_grads_func([model], total_tokens if config.calculate_per_token_loss else None)
+

@@ -156,7 +156,8 @@ def test_a_micro_batch_never_holds_more_rows_than_there_are_rollouts(monkeypatch
     monkeypatch.setattr(trainer_mod, "score_batch", lambda packed, mbs, **kw: seen.extend(mbs))
     fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=100_000, max_tokens_per_microbatch=0,
                                                                                  packing="bins"), scoring=None),
-                           p=SimpleNamespace(student=None, teacher=None, vocab_size=10), ctx=SimpleNamespace(tp_group=None))
+                           p=SimpleNamespace(student=None, teacher=None, vocab_size=10), ctx=SimpleNamespace(tp_group=None),
+                           one_student_forward=False)
     trainer_mod.Trainer.score(fake, packed)
     assert [mb["input_ids"].shape[0] for mb in seen] == [4]
     fake.cfg.train.micro_batch_size = 3  # a short last micro-batch is still padded to the common shape

@@ -122,3 +122,16 @@ def test_planner_refuses_what_the_trainer_refuses_with_its_words(config, overrid
         with pytest.raises(ValueError) as e:
             check_inputs(load_config(path, [override]))
         assert f"error: {e.value}" == err[0]
+
+
+@pytest.mark.parametrize("override,expected", [([], 64), (["rollout.micro_batch_size=8"], 8),
+                                                (["rollout.micro_batch_size=1000"], 64)])
+def test_planned_rollout_batch_is_the_engines(override, expected):
+    """The planner sizes the megatron engine's decode batch as build.py does: rollout.micro_batch_size,
+    0 (default) = all of a rank's rollouts (16 prompts x 4 here), never more rows than there are."""
+    from megatron_tip.checkpoint import read_spec
+    from megatron_tip.plan.inputs import inputs_from_config
+
+    cfg = load_config(str(REPO / "examples/configs/tiny_cpu.yaml"), override)
+    inp = inputs_from_config(cfg, gpu="cpu", student=read_spec(cfg.student.path), teacher=read_spec(cfg.teacher.path))
+    assert inp.workload.rollout_micro_batch == expected
