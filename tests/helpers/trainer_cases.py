@@ -67,3 +67,22 @@ def poison_teacher(src: Path, dst: Path) -> Path:
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def trainer_with_rollouts(root: Path, teacher: Path, student: Path, *, tp: int = 1, **extra):
+    """Inside a rank: the toy pair's Trainer at TP=``tp`` (PP=1) and its first step's padded rollouts.
+
+    Returns (cfg, parts, trainer, padded batch); ``extra`` are config overrides (dotted keys).
+    """
+    from megatron_tip.build import build
+    from megatron_tip.config import load_config
+    from megatron_tip.distributed import init_parallel
+    from megatron_tip.rollout.layout import pad_rollouts
+    from megatron_tip.trainer import Trainer
+
+    cfg = load_config(None, overrides(root, teacher, student, **extra))
+    ctx = init_parallel(tp, pp=1)
+    parts = build(cfg, ctx)
+    trainer = Trainer(cfg, ctx, parts)
+    _, rollouts = trainer.rollout(0)
+    return cfg, parts, trainer, pad_rollouts(rollouts, pad_id=parts.pad_id, device=ctx.device)

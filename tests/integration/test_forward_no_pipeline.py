@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_tip.launch import run_distributed
-from tests.helpers.trainer_cases import make_pair, overrides
+from tests.helpers.trainer_cases import make_pair, trainer_with_rollouts
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,18 +29,8 @@ def _schedule(model, microbatches, on_output, *, forward_only, prepare=None):
 
 def _grads_both_ways(rank, world, root, teacher, student):
     import megatron_tip.models.forward as fwd
-    from megatron_tip.build import build
-    from megatron_tip.config import load_config
-    from megatron_tip.distributed import init_parallel
-    from megatron_tip.rollout.layout import pad_rollouts
-    from megatron_tip.trainer import Trainer
 
-    cfg = load_config(None, overrides(root, teacher, student, **{"train.micro_batch_size": 1}))
-    ctx = init_parallel(1, pp=1)
-    parts = build(cfg, ctx)
-    trainer = Trainer(cfg, ctx, parts)
-    _, rollouts = trainer.rollout(0)
-    packed = pad_rollouts(rollouts, pad_id=parts.pad_id, device=ctx.device)
+    cfg, parts, trainer, packed = trainer_with_rollouts(root, teacher, student, **{"train.micro_batch_size": 1})
     out = {}
     for name in ("direct", "schedule"):
         if name == "schedule":
