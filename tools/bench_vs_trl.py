@@ -118,8 +118,8 @@ def _hf_accuracy(model, tok, heldout, *, pad_id: int, max_new_tokens: int, sampl
     from megatron_tip.eval.grading import grade
 
     ids, mask = _left_pad([p for p, _ in heldout], pad_id)
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                                 num_return_sequences=samples)
+    kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                              "num_return_sequences": samples}
     model.eval()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -158,7 +158,11 @@ def _trl(conn, student: str, teacher: str) -> None:
                          warmup_steps=job["warmup"], weight_decay=0.0, max_grad_norm=job["clip"],
                          lmbda=1.0, beta=1.0, temperature=job["temperature"], max_new_tokens=job["max_new_tokens"],
                          use_cpu=True, report_to="none", seed=job["seed"], save_strategy="no",
-                         logging_strategy="no", disable_dropout=True, bf16=False, fp16=False)
+                         logging_strategy="no", disable_dropout=True, bf16=False, fp16=False,
+                         # TRL >= 1.x defaults to gradient checkpointing, and GKDTrainer then samples
+                         # with use_cache=False (every decode step re-runs the whole prefix: ~8x the
+                         # rollout time here). Ours keeps a KV cache and recomputes nothing.
+                         gradient_checkpointing=job["trl_gradient_checkpointing"])
         dummy = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]]})
         trainer = GKDTrainer(model=s_model, teacher_model=t_model, args=args, train_dataset=dummy,
                              processing_class=tok, data_collator=lambda rows: rows)
@@ -167,6 +171,9 @@ def _trl(conn, student: str, teacher: str) -> None:
         trainer.current_gradient_accumulation_steps = 1  # what HF Trainer's loop sets before training_step
         generate = trainer.generate_on_policy_outputs
         trainer.generation_config.eos_token_id = job["stop_ids"]
+        assert trainer.generation_config.use_cache is not job["trl_gradient_checkpointing"]
+        if job["trl_gradient_checkpointing"]:  # what HF Trainer.train() does with TRL's default
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
         timing = {}
 
         def timed_generate(model, inputs, generation_config):
@@ -186,7 +193,12 @@ def _trl(conn, student: str, teacher: str) -> None:
 
         trainer.generate_on_policy_outputs = timed_generate
         model = trainer.model
-        conn.send("ready")
+        import transformers
+        import trl
+
+        conn.send({"trl": trl.__version__, "transformers": transformers.__version__,
+                   "use_cache": trainer.generation_config.use_cache,
+                   "gradient_checkpointing": model.is_gradient_checkpointing})
         while (cmd := conn.recv())[0] == "step":
             rows = [p for p in job["steps"][cmd[1]] for _ in range(samples)]  # prompt-major, as ours
             t0, c0 = time.perf_counter(), time.process_time()
@@ -203,7 +215,7 @@ def _trl(conn, student: str, teacher: str) -> None:
                        "cpu": time.process_time() - c0, "cpu_rollout": timing["cpu_rollout"],
                        "response_len": timing["response_len"]})
         heldout, rss_train = job["heldout"], _peak_rss_mib()
-        kw = dict(pad_id=job["pad_id"], max_new_tokens=job["max_new_tokens"], samples=4)
+        kw = {"pad_id": job["pad_id"], "max_new_tokens": job["max_new_tokens"], "samples": 4}
         conn.send({"acc_t1": _hf_accuracy(model, tok, heldout, greedy=False, **kw),
                    "acc_greedy": _hf_accuracy(model, tok, heldout, greedy=True, **kw), "rss": _peak_rss_mib(),
                    "rss_train": rss_train})
@@ -223,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--seed", type=int, default=None, help="train.seed override (prompt order, sampling)")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL's own default (gradient checkpointing on, hence sampling without a KV cache); "
+                         "off by default: ours keeps a KV cache and recomputes no activations")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for our trainer")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -241,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.start()
     jobs = [c.recv() for n, c in conns.items() if n != "trl"]
     assert all(j["steps"] == jobs[0]["steps"] for j in jobs), "every side samples the same prompts"
-    conns["trl"].send(jobs[0])
-    assert conns["trl"].recv() == "ready"
+    conns["trl"].send({**jobs[0], "trl_gradient_checkpointing": args.trl_gradient_checkpointing})
+    trl_info = conns["trl"].recv()
     names = list(conns)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for step in range(args.steps):
@@ -273,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = rows["trl"]
     print(f"\nbench_vs_trl: {args.steps} steps, medians over steps >= {args.warmup}, 1 thread each, "
           f"interleaved; wall {wall:.0f} s for all; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"TRL {trl_info['trl']}, transformers {trl_info['transformers']}: generate use_cache="
+          f"{trl_info['use_cache']}, gradient checkpointing {trl_info['gradient_checkpointing']}")
     ours = [n for n in names if n != "trl"]
     print(f"{'':24}" + "".join(f"{n:>14}" for n in names) + "".join(f"{'TRL/' + n:>18}" for n in ours))
     for key, label in (("step_s", "step time (s)"), ("rollout_s", "rollout (s)"), ("other_s", "non-rollout (s)"),
