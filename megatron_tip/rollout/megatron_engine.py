@@ -11,7 +11,7 @@ generators, so every TP rank holds the same tokens; PP stages get the tokens by 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,12 @@ from megatron_tip.seeding import derive_seed
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """Sample one token per row from full-vocab logits [B, V] (fp32); greedy at temperature 0."""
+                generators: list[torch.Generator], noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one token per row from full-vocab logits [B, V] (fp32); greedy at temperature 0.
+
+    ``noise`` [B, V]: each row's Exp(1) draw from ``RowNoise``; the tokens are then those of
+    ``torch.multinomial(probs[i], 1, generator=g)``, which draws the same noise and takes
+    argmax(p / q) (its one-sample path), but in one batched op instead of one call per row."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -33,7 +37,35 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
         drop = cum - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if noise is not None:
+        return (probs / noise).argmax(dim=-1)
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+
+
+class RowNoise:
+    """Each row's Exp(1) sampling noise, drawn from its own generator in blocks of draws.
+
+    One ``exponential_`` call per row per block gives the same stream as one call per draw
+    (tests/unit/test_row_noise.py), so a row's k-th token is unchanged while the per-token,
+    per-row calls go away. CPU generators only (a CUDA generator's offsets differ per call).
+    Memory: at most ``budget`` floats ([B, block, V])."""
+
+    def __init__(self, gens: list[torch.Generator], *, vocab: int, max_draws: int, device,
+                 budget: int = 1 << 24) -> None:
+        self.gens = gens
+        self.block = max(1, min(max_draws, budget // max(len(gens) * vocab, 1)))
+        self.buf = torch.empty(len(gens), self.block, vocab, device=device)
+        for r, g in enumerate(gens):
+            self.buf[r].exponential_(1, generator=g)
+        self.base = torch.zeros(len(gens), dtype=torch.long, device=device)  # draw index of buf[r, 0]
+
+    def take(self, rows: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+        """Noise [n, V] for ``rows`` [n] at their draw indices ``draw`` [n] (each used once, in order)."""
+        off = draw - self.base[rows]
+        for r in rows[off >= self.block].tolist():  # a row's block is used up: draw its next one
+            self.buf[r].exponential_(1, generator=self.gens[r])
+            self.base[r] += self.block
+        return self.buf[rows, draw - self.base[rows]]
 
 
 class MegatronEngine(EngineBase):
@@ -42,7 +74,7 @@ class MegatronEngine(EngineBase):
     shares_training_weights = True  # samples with the training model itself: nothing to sync
 
     def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
-                 micro_batch_size: Optional[int] = None) -> None:
+                 micro_batch_size: int | None = None) -> None:
         self.model = model
         self.ctx = ctx
         self.vocab_size = vocab_size
@@ -62,7 +94,7 @@ class MegatronEngine(EngineBase):
             out.extend(self._generate_rows(prompts, rows[start:start + size], params))
         return out
 
-    def _last_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    def _last_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
         """Full-vocab fp32 logits [B, V_true] at each row's last real position (last stage only)."""
         b, s = ids.shape
         index = (torch.arange(b, device=ids.device), lengths - 1)
@@ -79,13 +111,14 @@ class MegatronEngine(EngineBase):
         return self._gather_vocab(got[0]) if got else None
 
     @staticmethod
-    def _draw(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingParams):
+    def _draw(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingParams,
+              noise: torch.Tensor | None = None):
         """Sample rows of [n, V] logits with their own generators; returns (tokens, log-probs).
 
         Only rows that really generate draw, so a row's random stream does not depend on the
         other rows of the batch or on the engine path. Log-probs are the model's own
         (temperature 1), as vLLM reports them."""
-        nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generators=gens)
+        nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generators=gens, noise=noise)
         lp = torch.log_softmax(logits, dim=-1)
         return nxt, lp.gather(1, nxt[:, None])[:, 0]
 
@@ -124,6 +157,8 @@ class MegatronEngine(EngineBase):
         ends = plens + params.max_new_tokens  # exclusive end of each row
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         cache = StaticInferenceContext(b, total)
+        noise = (RowNoise(gens, vocab=self.vocab_size, max_draws=params.max_new_tokens, device=ids.device)
+                 if params.temperature > 0 and ids.device.type == "cpu" else None)
         self.model.eval()
         start = int(plens.min())
         # megatron's inference path gathers the TP vocab shards itself (runtime_gather_output).
@@ -136,7 +171,8 @@ class MegatronEngine(EngineBase):
             rows_now = sampling.nonzero()[:, 0]
             if rows_now.numel():
                 live = rows_now.tolist()  # one host sync per position, not one per row
-                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in live], params)
+                q = noise.take(rows_now, t - plens[rows_now]) if noise is not None else None
+                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in live], params, q)
                 ids[rows_now, t] = nxt
                 for r, lp in zip(live, chosen.tolist()):
                     logprobs[r].append(lp)
