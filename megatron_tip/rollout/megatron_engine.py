@@ -51,9 +51,10 @@ class RowNoise:
     Memory: at most ``budget`` floats ([B, block, V])."""
 
     def __init__(self, gens: list[torch.Generator], *, vocab: int, max_draws: int, device,
-                 budget: int = 1 << 24) -> None:
+                 budget: int = 1 << 24, block: int = 16) -> None:
         self.gens = gens
-        self.block = max(1, min(max_draws, budget // max(len(gens) * vocab, 1)))
+        # Blocks of 16 draws: rows that stop early (EOS) draw little noise they never use.
+        self.block = max(1, min(max_draws, block, budget // max(len(gens) * vocab, 1)))
         self.buf = torch.empty(len(gens), self.block, vocab, device=device)
         for r, g in enumerate(gens):
             self.buf[r].exponential_(1, generator=g)
@@ -153,7 +154,9 @@ class MegatronEngine(EngineBase):
         ids, plens, gens, stop = self._batch(prompts, rows, params)
         b, total = ids.shape
         pos = torch.arange(total, device=ids.device).unsqueeze(0).expand(b, -1)
-        logprobs: list[list[float]] = [[] for _ in range(b)]
+        # Each row's log-probs in draw order, read back once at the end (no per-token Python work).
+        lps = torch.zeros(b, params.max_new_tokens, device=ids.device)
+        drawn = torch.zeros(b, dtype=torch.long, device=ids.device)
         ends = plens + params.max_new_tokens  # exclusive end of each row
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         cache = StaticInferenceContext(b, total)
@@ -170,12 +173,14 @@ class MegatronEngine(EngineBase):
             sampling = (t >= plens) & ~done & (t < ends)
             rows_now = sampling.nonzero()[:, 0]
             if rows_now.numel():
-                live = rows_now.tolist()  # one host sync per position, not one per row
-                q = noise.take(rows_now, t - plens[rows_now]) if noise is not None else None
-                nxt, chosen = self._draw(full[rows_now], [gens[r] for r in live], params, q)
+                k = t - plens[rows_now]  # each sampling row's draw index
+                if noise is not None:
+                    nxt, chosen = self._draw(full[rows_now], [], params, noise.take(rows_now, k))
+                else:
+                    nxt, chosen = self._draw(full[rows_now], [gens[r] for r in rows_now.tolist()], params)
                 ids[rows_now, t] = nxt
-                for r, lp in zip(live, chosen.tolist()):
-                    logprobs[r].append(lp)
+                lps[rows_now, k] = chosen
+                drawn[rows_now] += 1
                 done[rows_now] |= torch.isin(nxt, stop)
             if bool((done | (t + 1 >= ends)).all()) or t + 1 == total:
                 break
@@ -185,11 +190,11 @@ class MegatronEngine(EngineBase):
                                 runtime_gather_output=True)
             cache.increment_sequence_len_offset(1)
         out = []
+        counts, starts, ids_h, lps_h, fin = drawn.tolist(), plens.tolist(), ids.tolist(), lps.tolist(), done.tolist()
         for r, (i, _) in enumerate(rows):
-            n = len(logprobs[r])
-            out.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]),
-                               response_ids=ids[r, plens[r]: plens[r] + n].tolist(),
-                               logprobs=logprobs[r], finished=bool(done[r])))
+            n, p0 = counts[r], starts[r]
+            out.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]), response_ids=ids_h[r][p0:p0 + n],
+                               logprobs=lps_h[r][:n], finished=fin[r]))
         return out
 
     def _generate_rows_recompute(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
