@@ -190,10 +190,11 @@ def step_microbatches(batch: PaddedBatch, *, size: int, max_tokens: int = 0, pac
 
 
 def from_padded(mb: dict, padded: torch.Tensor) -> torch.Tensor:
-    """The values of a padded-view tensor [B, S] at the micro-batch's positions -> [b, s] (0 / False where none)."""
+    """The values of a padded-view tensor [B, S, ...] at the micro-batch's positions -> [b, s, ...]
+    (0 / False where none)."""
     rows, pos = mb["src_rows"], mb["src_pos"]
     keep = rows >= 0
-    out = torch.zeros(rows.shape, dtype=padded.dtype, device=padded.device)
+    out = torch.zeros(*rows.shape, *padded.shape[2:], dtype=padded.dtype, device=padded.device)
     out[keep] = padded[rows[keep], pos[keep]]
     return out
 

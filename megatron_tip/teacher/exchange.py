@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_tip.rollout.layout import PaddedBatch
+from megatron_tip.rollout.layout import PaddedBatch, from_padded
 
 
 @dataclass
@@ -138,21 +138,16 @@ def send_hidden(hidden: dict[int, torch.Tensor], rows: GlobalRows, roles: RankRo
     return out
 
 
-def to_microbatches(received: dict[int, torch.Tensor], mbs: list[dict], *, first_row: int, hidden_size: int,
-                    dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def to_microbatches(received: dict[int, torch.Tensor], mbs: list[dict], *, first_row: int, width: int,
+                    hidden_size: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """The student's micro-batch view [s, b, H] of its received rows (zeros at padding).
 
-    Any micro-batch layout (fixed rows, token-budget bins, THD rows holding several rollouts): each
-    position's source is (``src_rows``, ``src_pos``) [b, s]; ``received[g]`` holds row g's real
-    positions only, so positions past a row's length stay zero, like filler (-1).
+    The rows are laid out in the student's padded view [n, ``width``, H] (``received[g]`` holds row
+    g's real positions only) and picked per micro-batch by ``rollout.layout.from_padded``, so any
+    micro-batch layout (fixed rows, token-budget bins, THD rows of several rollouts) is served.
     """
-    out = []
-    for mb in mbs:
-        src_rows, src_pos = mb["src_rows"], mb["src_pos"]
-        h = torch.zeros(*src_rows.shape, hidden_size, dtype=dtype, device=device)
-        for row in torch.unique(src_rows[src_rows >= 0]).tolist():
-            part = received[first_row + row]
-            sel = (src_rows == row) & (src_pos < part.shape[0])
-            h[sel] = part[src_pos[sel]].to(dtype)
-        out.append(h.transpose(0, 1).contiguous())
-    return out
+    padded = torch.zeros(len(received), width, hidden_size, dtype=dtype, device=device)
+    for r in range(len(received)):
+        part = received[first_row + r]
+        padded[r, : part.shape[0]] = part
+    return [from_padded(mb, padded).transpose(0, 1).contiguous() for mb in mbs]

@@ -51,7 +51,8 @@ class OwnLayoutTeacher:
         if not self.student_last:
             return []
         return to_microbatches(received, mbs, first_row=rows.offsets[self.student_dp_rank],
-                               hidden_size=self.hidden_size, dtype=self.dtype, device=self.device)
+                               width=batch.input_ids.shape[1], hidden_size=self.hidden_size, dtype=self.dtype,
+                               device=self.device)
 
     def _score(self, rows, mine: range) -> dict[int, torch.Tensor]:
         """Forward of the teacher's rows ``mine``; their hidden states [L_g, H] by global row (last stage)."""
