@@ -167,10 +167,11 @@ def packed_microbatches(batch: PaddedBatch, *, max_tokens: int) -> list[dict]:
     lengths = batch.lengths.tolist()
     out = []
     for rows in first_fit_decreasing(lengths, max_tokens=max_tokens):
-        lens = torch.tensor([lengths[i] for i in rows], dtype=torch.long)  # host: index building
-        src_rows = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lens)
-        src_pos = torch.cat([torch.arange(n) for n in lens.tolist()])
-        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        host = torch.device("cpu")  # the index building runs on the host, then moves to the batch's device
+        lens = torch.tensor([lengths[i] for i in rows], dtype=torch.long, device=host)
+        src_rows = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long, device=host), lens)
+        src_pos = torch.cat([torch.arange(n, device=host) for n in lens.tolist()])
+        cu = torch.zeros(len(rows) + 1, dtype=torch.int32, device=host)
         cu[1:] = torch.cumsum(lens, 0)
         src_rows, src_pos = src_rows.to(device), src_pos.to(device)
         mb = {k: getattr(batch, k)[src_rows, src_pos][None] for k in ("input_ids", "target_ids", "valid")}
