@@ -75,8 +75,9 @@ class MegatronEngine(EngineBase):
     shares_training_weights = True  # samples with the training model itself: nothing to sync
 
     def __init__(self, model: torch.nn.Module, *, ctx, vocab_size: int, pad_id: int,
-                 micro_batch_size: int | None = None) -> None:
+                 micro_batch_size: int | None = None, lean_decode: bool = True) -> None:
         self.model = model
+        self.lean_decode = lean_decode  # PP=1: rollout.kv_decoder where it supports the model
         self.ctx = ctx
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -148,28 +149,46 @@ class MegatronEngine(EngineBase):
         stop = torch.tensor(list(params.stop_token_ids) or [-1], device=dev)
         return host.to(dev), torch.tensor(lengths, device=dev), gens, stop
 
-    def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
+    def _kv_forward(self, batch: int, total: int):
+        """``forward(ids [B, s]) -> fp32 logits [B, V_true]`` at the last new position, with a KV cache
+        over ``total`` positions: ``KVDecoder`` where it supports the model (the same logits, less
+        overhead), else megatron-core's ``StaticInferenceContext``."""
+        from megatron_tip.rollout.kv_decoder import KVDecoder, unsupported
+
+        if self.lean_decode and unsupported(self.model) is None:
+            dec = KVDecoder(self.model, batch=batch, max_len=total)
+            return lambda ids: self._gather_vocab(dec.step(ids))
         from megatron.core.inference.contexts import StaticInferenceContext
 
+        cache = StaticInferenceContext(batch, total)
+        pos = torch.arange(total, device=self.ctx.device).unsqueeze(0).expand(batch, -1)
+
+        def forward(ids):
+            s0 = cache.sequence_len_offset
+            if s0 > 0:
+                cache.enable_decode_mode()
+            # megatron's inference path gathers the TP vocab shards itself (runtime_gather_output).
+            logits = self.model(ids, pos[:, s0:s0 + ids.shape[1]], None, inference_context=cache,
+                                runtime_gather_output=True)
+            cache.increment_sequence_len_offset(ids.shape[1])
+            return logits[:, -1, : self.vocab_size].float()
+        return forward
+
+    def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         ids, plens, gens, stop = self._batch(prompts, rows, params)
         b, total = ids.shape
-        pos = torch.arange(total, device=ids.device).unsqueeze(0).expand(b, -1)
         # Each row's log-probs in draw order, read back once at the end (no per-token Python work).
         lps = torch.zeros(b, params.max_new_tokens, device=ids.device)
         drawn = torch.zeros(b, dtype=torch.long, device=ids.device)
         ends = plens + params.max_new_tokens  # exclusive end of each row
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        cache = StaticInferenceContext(b, total)
         noise = (RowNoise(gens, vocab=self.vocab_size, max_draws=params.max_new_tokens, device=ids.device)
                  if params.temperature > 0 and ids.device.type == "cpu" else None)
         self.model.eval()
+        forward = self._kv_forward(b, total)
         start = int(plens.min())
-        # megatron's inference path gathers the TP vocab shards itself (runtime_gather_output).
-        logits = self.model(ids[:, :start], pos[:, :start], None, inference_context=cache,
-                            runtime_gather_output=True)
-        cache.increment_sequence_len_offset(start)
+        full = forward(ids[:, :start])
         for t in range(start, total):
-            full = logits[:, -1, : self.vocab_size].float()
             sampling = (t >= plens) & ~done & (t < ends)
             rows_now = sampling.nonzero()[:, 0]
             if rows_now.numel():
@@ -184,11 +203,7 @@ class MegatronEngine(EngineBase):
                 done[rows_now] |= torch.isin(nxt, stop)
             if bool((done | (t + 1 >= ends)).all()) or t + 1 == total:
                 break
-            if bool((t + 1 >= plens).all()):
-                cache.enable_decode_mode()
-            logits = self.model(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=cache,
-                                runtime_gather_output=True)
-            cache.increment_sequence_len_offset(1)
+            full = forward(ids[:, t:t + 1])
         out = []
         counts, starts, ids_h, lps_h, fin = drawn.tolist(), plens.tolist(), ids.tolist(), lps.tolist(), done.tolist()
         for r, (i, _) in enumerate(rows):

@@ -1,0 +1,179 @@
+"""A lean static-KV-cache forward of a megatron-core GPTModel for sampling (PP=1), the same numbers.
+
+Why: at the toy's size a decode step is ~60% Python overhead inside megatron-core (autograd
+Function dispatch of every TP linear under no_grad, RNG-tracker forks around dropout, and RoPE
+re-applied to the whole cached prefix at every step: the static inference context caches keys
+before rotation). This forward reads the model's own parameters and calls the same tensor ops in
+the same order and shapes as megatron-core 0.16's local-spec path (``torch.matmul(x, W.t())``,
+the model's own norm and core-attention modules), but caches keys after rotation and computes
+cos/sin once. Logits are bitwise those of ``GPTModel(..., inference_context=StaticInferenceContext)``
+(tests/unit/test_kv_decoder.py), so sampled tokens do not change.
+
+``unsupported(model)`` names the first feature outside that path (MoE, MLA, TE modules, sequence
+parallel, fused RoPE, ...); the engine then falls back to megatron-core's own inference path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tip.models.forward import unwrap
+
+
+def _layer_problem(layer) -> Optional[str]:
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    att, mlp = layer.self_attention, layer.mlp
+    if not isinstance(att, SelfAttention) or not isinstance(att.core_attention, DotProductAttention):
+        return "attention is not megatron's local SelfAttention/DotProductAttention"
+    if not isinstance(mlp, MLP):
+        return "the MLP is not a dense megatron MLP (MoE?)"
+    linears = (att.linear_qkv, att.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+    if not all(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in linears):
+        return "a linear layer is not megatron's local Column/RowParallelLinear"
+    if att.linear_qkv.skip_bias_add:
+        return "skip_bias_add on the QKV layer"
+    return None
+
+
+def unsupported(model: torch.nn.Module) -> Optional[str]:
+    """Why ``KVDecoder`` cannot run ``model`` (None: it can)."""
+    gpt = unwrap(model)
+    c = gpt.config
+    checks = [
+        (not (gpt.pre_process and gpt.post_process), "pipeline parallelism"),
+        (gpt.position_embedding_type != "rope", f"position embedding {gpt.position_embedding_type!r}"),
+        (c.multi_latent_attention, "multi-latent attention"),
+        (c.sequence_parallel, "sequence parallelism"),
+        (c.apply_rope_fusion or c.rotary_interleaved, "fused or interleaved RoPE"),
+        (c.flash_decode, "flash decode"),
+        (c.fp32_residual_connection or c.apply_residual_connection_post_layernorm, "residual variant"),
+        (bool(getattr(c, "attention_output_gate", False)), "gated attention output"),
+        (bool(getattr(c, "no_rope_freq", None)), "per-layer no-RoPE"),
+        (getattr(c, "window_size", None) is not None, "sliding-window attention"),
+        (getattr(c, "softmax_type", "vanilla") != "vanilla", "softmax offset"),
+        (getattr(c, "activation_func_clamp_value", None) is not None, "clamped GLU"),
+        (c.bias_activation_fusion or getattr(c, "use_te_activation_func", False), "fused bias-activation"),
+        (c.num_query_groups < c.tensor_model_parallel_size, "fewer KV heads than TP ranks"),
+        (getattr(gpt, "mtp_process", False), "multi-token prediction"),
+        (c.cuda_graph_impl != "none" if hasattr(c, "cuda_graph_impl") else False, "CUDA graphs"),
+    ]
+    for bad, what in checks:
+        if bad:
+            return what
+    for layer in gpt.decoder.layers:
+        if (why := _layer_problem(layer)) is not None:
+            return why
+    return None
+
+
+def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Column/RowParallelLinear forward at inference, megatron's ops: (output, bias left to the caller)."""
+    bias_in = module.bias if (module.bias is not None and not module.skip_bias_add) else None
+    out = torch.matmul(x, module.weight.t())
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    if isinstance(module, RowParallelLinear):
+        if module.tp_group is not None and module.tp_group.size() > 1:
+            dist.all_reduce(out, group=module.tp_group)
+        if bias_in is not None:  # RowParallelLinear adds its bias after the reduction
+            out = out + bias_in
+    elif bias_in is not None:
+        out = out + bias_in
+    return out, (module.bias if module.skip_bias_add else None)
+
+
+def _bias_add_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+    """megatron's inference bias-dropout-add (in place, dropout off): x (+ bias) + residual."""
+    residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
+    if bias is not None:
+        x.add_(bias)
+    return x.add_(residual)
+
+
+def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's ``_apply_rotary_pos_emb_bshd`` (non-interleaved) with cos/sin [s, 1, 1, rot]."""
+    rot = cos.shape[-1]
+    t, t_pass = t[..., :rot], t[..., rot:]
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    t = (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return torch.cat((t, t_pass), dim=-1)
+
+
+class KVDecoder:
+    """Prefill + one-position-at-a-time forward with a per-layer [T, B, groups, head] cache.
+
+    ``step(ids)`` with ids [B, s] (s new positions, the same for every row) returns the fp32 logits
+    [B, V/TP] at the last new position; positions continue from the previous call.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch: int, max_len: int) -> None:
+        gpt = unwrap(model)
+        self.gpt, self.batch, self.max_len, self.offset = gpt, batch, max_len, 0
+        dtype = gpt.embedding.word_embeddings.weight.dtype
+        freqs = gpt.rotary_pos_emb(max_len)  # [T, 1, 1, rot]: what megatron computes each forward
+        # megatron: (cos(freqs) * mscale).to(dtype) with mscale 1.0 outside YaRN
+        self.cos, self.sin = (torch.cos(freqs) * 1.0).to(dtype), (torch.sin(freqs) * 1.0).to(dtype)
+        att = gpt.decoder.layers[0].self_attention
+        self.groups = att.num_query_groups_per_partition
+        self.per_group = att.num_attention_heads_per_partition // self.groups
+        self.head = att.hidden_size_per_attention_head
+        shape = (max_len, batch, self.groups, self.head)
+        dev = self.cos.device
+        self.cache = [(torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev))
+                      for _ in gpt.decoder.layers]
+        self.share = gpt.share_embeddings_and_output_weights
+
+    def _attention(self, i: int, layer, h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        att = layer.self_attention
+        qkv, _ = _linear(att.linear_qkv, h)  # [s, B, groups * (per_group + 2) * head]
+        qkv = qkv.view(*qkv.shape[:-1], self.groups, (self.per_group + 2) * self.head)
+        q, k, v = torch.split(qkv, [self.per_group * self.head, self.head, self.head], dim=3)
+        q = q.reshape(q.size(0), q.size(1), -1, self.head)
+        if att.q_layernorm is not None:
+            q = att.q_layernorm(q)
+        if att.k_layernorm is not None:
+            k = att.k_layernorm(k)
+        s0, s1 = self.offset, self.offset + h.shape[0]
+        keys, values = self.cache[i]
+        keys[s0:s1] = _rope(k, self.cos[s0:s1], self.sin[s0:s1])  # cached after rotation (elementwise: same values)
+        values[s0:s1] = v
+        q = _rope(q, self.cos[s0:s1], self.sin[s0:s1])
+        # the model's own core attention: causal mask at prefill (offset 0, s > 1), none when decoding
+        ctx = att.core_attention(q, keys[:s1], values[:s1], None)
+        return _linear(att.linear_proj, ctx)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        gpt = self.gpt
+        s = ids.shape[1]
+        if self.offset + s > self.max_len:
+            raise ValueError(f"KVDecoder: {self.offset + s} positions exceed max_len={self.max_len}")
+        pos = torch.arange(self.offset, self.offset + s, device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+        x = gpt.embedding(input_ids=ids, position_ids=pos)  # [s, B, H]
+        for i, layer in enumerate(gpt.decoder.layers):
+            out, bias = self._attention(i, layer, layer.input_layernorm(x))
+            x = _bias_add_residual(out, bias, x)
+            mlp = layer.mlp
+            y, bias = _linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x))
+            if bias is not None:  # megatron's unfused activation path adds it first
+                y = y + bias
+            if mlp.config.gated_linear_unit:
+                a, b = torch.chunk(y, 2, dim=-1)
+                y = mlp.config.activation_func(a) * (b + mlp.config.glu_linear_offset)
+            else:
+                y = mlp.activation_func(y)
+            out, bias = _linear(mlp.linear_fc2, y)
+            x = _bias_add_residual(out, bias, x)
+        x = gpt.decoder.final_layernorm(x)
+        self.offset += s
+        weight = gpt.shared_embedding_or_output_weight() if self.share else gpt.output_layer.weight
+        logits = torch.matmul(x, weight.t())  # [s, B, V/TP], the whole block as megatron computes it
+        if gpt.output_layer.bias is not None:
+            logits = logits + gpt.output_layer.bias
+        return logits[-1].float()
