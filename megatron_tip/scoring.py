@@ -28,7 +28,7 @@ class ScoredBatch:
     batch: PaddedBatch
     microbatches: list[dict]  # the layout the forwards run on (``rollout.layout.microbatches``)
     teacher_hidden: list[torch.Tensor]  # per micro-batch [s, b, H] (last stage; else empty)
-    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each in the padded view, 0 at unscored positions
+    stats: Optional[dict[str, torch.Tensor]]  # [B, S] fp32 each in the padded view, 0 outside valid positions
     # (last stage; else None)
     student_hidden: Optional[list[torch.Tensor]] = None  # per micro-batch [s, b, H] with the student's
     # graph (scoring.one_student_forward); None: the gradient pass runs its own forward
@@ -36,12 +36,15 @@ class ScoredBatch:
 
 def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.Tensor,
                 ht: torch.Tensor, *, cfg: ScoringConfig, vocab_size: int, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Per-token stats [b, s] of one micro-batch from final hidden states hs/ht [s, b, H].
+    """Per-token stats [b, s] of one micro-batch from final hidden states hs/ht [s, b, H], at its
+    valid (response) positions only: prompt and pad positions are 0 (nothing reads them).
 
-    Logits exist only ``cfg.score_chunk_tokens`` rows at a time.
+    Logits exist only ``cfg.score_chunk_tokens`` rows at a time. Every TP rank holds the same
+    ``valid``, so all take part in the same chunks' collectives.
     """
-    hs, ht = (h.transpose(0, 1).reshape(-1, h.shape[-1]) for h in (hs, ht))  # [b*S, H], row-major
-    targets = mb["target_ids"].reshape(-1)
+    keep = mb["valid"].reshape(-1).nonzero()[:, 0]  # [n] rows of the row-major [b*S] view
+    hs, ht = (h.transpose(0, 1).reshape(-1, h.shape[-1])[keep] for h in (hs, ht))  # [n, H]
+    targets = mb["target_ids"].reshape(-1)[keep]
     step = cfg.score_chunk_tokens
     parts = []
     for i in range(0, hs.shape[0], step):
@@ -50,7 +53,14 @@ def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.
             tp_group=tp_group, vocab_size=vocab_size, chunk_size=cfg.stats_chunk_size,
             target_ids=targets[i:i + step], impl=cfg.ops_impl))
     shape = mb["input_ids"].shape
-    return {k: torch.cat([getattr(p, k) for p in parts]).reshape(shape) for k in STAT_FIELDS}
+    out = {}
+    for k in STAT_FIELDS:
+        vals = [getattr(p, k) for p in parts]
+        full = torch.zeros(shape.numel(), dtype=vals[0].dtype if vals else torch.float32, device=keep.device)
+        if vals:
+            full[keep] = torch.cat(vals)
+        out[k] = full.reshape(shape)
+    return out
 
 
 @torch.no_grad()

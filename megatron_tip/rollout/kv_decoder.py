@@ -14,19 +14,20 @@ parallel, fused RoPE, ...); the engine then falls back to megatron-core's own in
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
 from megatron_tip.models.forward import unwrap
 
 
-def _layer_problem(layer) -> Optional[str]:
+def _layer_problem(layer) -> str | None:
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+    )
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.mlp import MLP
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     att, mlp = layer.self_attention, layer.mlp
     if not isinstance(att, SelfAttention) or not isinstance(att.core_attention, DotProductAttention):
@@ -41,7 +42,7 @@ def _layer_problem(layer) -> Optional[str]:
     return None
 
 
-def unsupported(model: torch.nn.Module) -> Optional[str]:
+def unsupported(model: torch.nn.Module) -> str | None:
     """Why ``KVDecoder`` cannot run ``model`` (None: it can)."""
     gpt = unwrap(model)
     c = gpt.config
@@ -72,7 +73,7 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Column/RowParallelLinear forward at inference, megatron's ops: (output, bias left to the caller)."""
     bias_in = module.bias if (module.bias is not None and not module.skip_bias_add) else None
     out = torch.matmul(x, module.weight.t())
@@ -88,7 +89,7 @@ def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tenso
     return out, (module.bias if module.skip_bias_add else None)
 
 
-def _bias_add_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+def _bias_add_residual(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """megatron's inference bias-dropout-add (in place, dropout off): x (+ bias) + residual."""
     residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
     if bias is not None:
@@ -129,7 +130,7 @@ class KVDecoder:
                       for _ in gpt.decoder.layers]
         self.share = gpt.share_embeddings_and_output_weights
 
-    def _attention(self, i: int, layer, h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _attention(self, i: int, layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         att = layer.self_attention
         qkv, _ = _linear(att.linear_qkv, h)  # [s, B, groups * (per_group + 2) * head]
         qkv = qkv.view(*qkv.shape[:-1], self.groups, (self.per_group + 2) * self.head)
