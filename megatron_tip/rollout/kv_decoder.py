@@ -1,13 +1,14 @@
 """A lean static-KV-cache forward of a megatron-core GPTModel for sampling (PP=1), the same numbers.
 
-Why: at the toy's size a decode step is ~60% Python overhead inside megatron-core (autograd
+Why: at the toy's size about half of a decode step is overhead inside megatron-core (autograd
 Function dispatch of every TP linear under no_grad, RNG-tracker forks around dropout, and RoPE
 re-applied to the whole cached prefix at every step: the static inference context caches keys
 before rotation). This forward reads the model's own parameters and calls the same tensor ops in
 the same order and shapes as megatron-core 0.16's local-spec path (``torch.matmul(x, W.t())``,
 the model's own norm and core-attention modules), but caches keys after rotation and computes
 cos/sin once. Logits are bitwise those of ``GPTModel(..., inference_context=StaticInferenceContext)``
-(tests/unit/test_kv_decoder.py), so sampled tokens do not change.
+(tests/integration/test_kv_decoder.py, which also catches a megatron-core upgrade that changes
+those ops), so sampled tokens do not change. Checked on CPU only; it has not run on a GPU.
 
 ``unsupported(model)`` names the first feature outside that path (MoE, MLA, TE modules, sequence
 parallel, fused RoPE, ...); the engine then falls back to megatron-core's own inference path.

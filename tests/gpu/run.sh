@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU-only checks in one call (budget: under 10 min on one H100/H200; never run on a GPU yet): ops accuracy + bandwidth, fused linear+RKL, 10 bf16 training
+# GPU-only checks in one call (budget: under 10 min on one H100/H200; never run on a GPU yet): ops accuracy + bandwidth, fused linear+RKL, the megatron engine's lean decode forward vs megatron-core's, 10 bf16 training
 # steps with the megatron and the vLLM engine, TE vs local layer spec, distributed-optimizer resume,
 # THD packing through TE attention vs unpacked (bf16 logits per sequence; 3 steps thd vs bins),
 # then the vllm-marked tests. Prints one JSON line per check and one SUMMARY line.
