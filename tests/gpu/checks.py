@@ -209,7 +209,9 @@ def _train(out: Path, *overrides: str, timeout: int, ranks: int = 1) -> tuple[in
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     cmd = [sys.executable, *launch, "-m", "megatron_tip.train", "--config", str(TOY), f"run.out_dir={out}",
            "eval.prompts=", "log.tensorboard=false", *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # in-process checks (init_parallel) leave MASTER_PORT set to a port this process holds: each run picks its own
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     metrics = out / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     return res.returncode, rows, res.stderr[-1500:]

@@ -21,7 +21,7 @@ def test_gpu_script_parses_and_dry_runs():
         if line.startswith("{"):
             row = json.loads(line)
             checks[row["check"]] = row
-    assert set(checks) == {"ops_float32", "ops_bfloat16", "fused_linear_bfloat16", "train_megatron",
+    assert set(checks) == {"ops_float32", "ops_bfloat16", "fused_linear_bfloat16", "kv_decoder", "train_megatron",
                            "teacher_own_layout", "teacher_offload", "thd"}
     assert all(c["ok"] for c in checks.values()), checks
     assert res.stdout.strip().splitlines()[-1].startswith("SUMMARY PASS")
