@@ -78,7 +78,13 @@ def _run(rank, world, tp, pp, param_cases, act_cases):
         params.append((name, sum(p.numel() for p in model.parameters()),
                        params_per_rank(SPECS[name], tp=tp, pp=pp, pp_rank=ctx.pp_rank,
                                        padded_vocab=padded_vocab(1000, tp=tp))))
-    return params, [(name, recompute, *_saved_per_layer(name, tp, recompute)) for name, recompute in act_cases]
+    acts = []
+    for name, recompute in act_cases:
+        # median of 3 measurements: under load one region occasionally counts one [s, b, h] tensor
+        # more or less (15 KB here; seen both ways, not traced), so a single reading is not kept
+        runs = sorted((_saved_per_layer(name, tp, recompute) for _ in range(3)), key=lambda r: r[0])
+        acts.append((name, recompute, *runs[1]))
+    return params, acts
 
 
 @pytest.mark.parametrize("tp,pp,param_cases,act_cases", [
@@ -92,6 +98,5 @@ def test_planner_counts_equal_megatron(tp, pp, param_cases, act_cases):
         for name, got, predicted in params:
             assert got == predicted, name
         for name, recompute, got, predicted in acts:
-            # Exact to a scalar or two in nearly every run; once, under load, a region counted 15 KB
-            # (4%) less (not traced), hence the margin.
+            # Exact to a scalar or two in nearly every run (the median of 3 readings, see _run), with a margin.
             assert abs(got - predicted) <= max(16, 0.05 * predicted), (name, recompute, got, predicted)
