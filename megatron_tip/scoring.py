@@ -14,6 +14,7 @@ import torch
 
 from megatron_tip.models.forward import final_hidden, output_logits
 from megatron_tip.ops import vocab_parallel_token_stats
+from megatron_tip.ops.compiled import compute_dtype
 from megatron_tip.rollout.layout import PaddedBatch, to_padded
 from megatron_tip.sections import ScoringConfig
 from megatron_tip.teacher.base import Teacher
@@ -53,12 +54,12 @@ def token_stats(student: torch.nn.Module, teacher: Teacher, mb: dict, hs: torch.
             tp_group=tp_group, vocab_size=vocab_size, chunk_size=cfg.stats_chunk_size,
             target_ids=targets[i:i + step], impl=cfg.ops_impl))
     shape = mb["input_ids"].shape
+    dtype = compute_dtype(hs, ht)  # the ops' accumulation dtype, so a micro-batch without valid positions matches
     out = {}
     for k in STAT_FIELDS:
-        vals = [getattr(p, k) for p in parts]
-        full = torch.zeros(shape.numel(), dtype=vals[0].dtype if vals else torch.float32, device=keep.device)
-        if vals:
-            full[keep] = torch.cat(vals)
+        full = torch.zeros(shape.numel(), dtype=dtype, device=keep.device)
+        if parts:
+            full[keep] = torch.cat([getattr(p, k) for p in parts])
         out[k] = full.reshape(shape)
     return out
 

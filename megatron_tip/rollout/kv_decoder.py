@@ -35,9 +35,11 @@ def _layer_problem(layer) -> str | None:
         return "attention is not megatron's local SelfAttention/DotProductAttention"
     if not isinstance(mlp, MLP):
         return "the MLP is not a dense megatron MLP (MoE?)"
-    linears = (att.linear_qkv, att.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
-    if not all(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in linears):
-        return "a linear layer is not megatron's local Column/RowParallelLinear"
+    # _linear's two cases: column-parallel input layers (output stays sharded), row-parallel output layers
+    if not all(isinstance(m, ColumnParallelLinear) and not m.gather_output for m in (att.linear_qkv, mlp.linear_fc1)):
+        return "QKV/fc1 is not megatron's local ColumnParallelLinear with a sharded output"
+    if not all(isinstance(m, RowParallelLinear) and m.input_is_parallel for m in (att.linear_proj, mlp.linear_fc2)):
+        return "proj/fc2 is not megatron's local RowParallelLinear on a sharded input"
     if att.linear_qkv.skip_bias_add:
         return "skip_bias_add on the QKV layer"
     return None
@@ -74,19 +76,14 @@ def unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Column/RowParallelLinear forward at inference, megatron's ops: (output, bias left to the caller)."""
-    bias_in = module.bias if (module.bias is not None and not module.skip_bias_add) else None
+def _linear(module, x: torch.Tensor, *, row: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Column- (``row=False``) or RowParallelLinear (``row=True``, all-reduced over its TP group)
+    forward at inference, megatron's ops: (output, the bias megatron leaves to the caller)."""
     out = torch.matmul(x, module.weight.t())
-    from megatron.core.tensor_parallel.layers import RowParallelLinear
-
-    if isinstance(module, RowParallelLinear):
-        if module.tp_group is not None and module.tp_group.size() > 1:
-            dist.all_reduce(out, group=module.tp_group)
-        if bias_in is not None:  # RowParallelLinear adds its bias after the reduction
-            out = out + bias_in
-    elif bias_in is not None:
-        out = out + bias_in
+    if row and module.tp_group is not None and module.tp_group.size() > 1:
+        dist.all_reduce(out, group=module.tp_group)
+    if module.bias is not None and not module.skip_bias_add:  # a row-parallel bias is added after the reduction
+        out = out + module.bias
     return out, (module.bias if module.skip_bias_add else None)
 
 
@@ -116,11 +113,11 @@ class KVDecoder:
 
     def __init__(self, model: torch.nn.Module, *, batch: int, max_len: int) -> None:
         gpt = unwrap(model)
-        self.gpt, self.batch, self.max_len, self.offset = gpt, batch, max_len, 0
+        self.gpt, self.max_len, self.offset = gpt, max_len, 0
         dtype = gpt.embedding.word_embeddings.weight.dtype
         freqs = gpt.rotary_pos_emb(max_len)  # [T, 1, 1, rot]: what megatron computes each forward
-        # megatron: (cos(freqs) * mscale).to(dtype) with mscale 1.0 outside YaRN
-        self.cos, self.sin = (torch.cos(freqs) * 1.0).to(dtype), (torch.sin(freqs) * 1.0).to(dtype)
+        # megatron: (cos(freqs) * mscale).to(dtype); mscale is 1.0 outside YaRN (refused), an exact no-op
+        self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
         att = gpt.decoder.layers[0].self_attention
         self.groups = att.num_query_groups_per_partition
         self.per_group = att.num_attention_heads_per_partition // self.groups
@@ -133,7 +130,7 @@ class KVDecoder:
 
     def _attention(self, i: int, layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         att = layer.self_attention
-        qkv, _ = _linear(att.linear_qkv, h)  # [s, B, groups * (per_group + 2) * head]
+        qkv, _ = _linear(att.linear_qkv, h, row=False)  # [s, B, groups * (per_group + 2) * head]
         qkv = qkv.view(*qkv.shape[:-1], self.groups, (self.per_group + 2) * self.head)
         q, k, v = torch.split(qkv, [self.per_group * self.head, self.head, self.head], dim=3)
         q = q.reshape(q.size(0), q.size(1), -1, self.head)
@@ -148,7 +145,7 @@ class KVDecoder:
         q = _rope(q, self.cos[s0:s1], self.sin[s0:s1])
         # the model's own core attention: causal mask at prefill (offset 0, s > 1), none when decoding
         ctx = att.core_attention(q, keys[:s1], values[:s1], None)
-        return _linear(att.linear_proj, ctx)
+        return _linear(att.linear_proj, ctx, row=True)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -162,7 +159,7 @@ class KVDecoder:
             out, bias = self._attention(i, layer, layer.input_layernorm(x))
             x = _bias_add_residual(out, bias, x)
             mlp = layer.mlp
-            y, bias = _linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x))
+            y, bias = _linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), row=False)
             if bias is not None:  # megatron's unfused activation path adds it first
                 y = y + bias
             if mlp.config.gated_linear_unit:
@@ -170,7 +167,7 @@ class KVDecoder:
                 y = mlp.config.activation_func(a) * (b + mlp.config.glu_linear_offset)
             else:
                 y = mlp.activation_func(y)
-            out, bias = _linear(mlp.linear_fc2, y)
+            out, bias = _linear(mlp.linear_fc2, y, row=True)
             x = _bias_add_residual(out, bias, x)
         x = gpt.decoder.final_layernorm(x)
         self.offset += s

@@ -369,43 +369,25 @@ def check_teacher(*, cuda: bool, steps: int, dtype: str, timeout: int) -> None:
 def check_kv_decoder(device: torch.device, *, dtype: torch.dtype, repeats: int) -> None:
     """The megatron engine's lean decode forward vs megatron-core's StaticInferenceContext on the toy
     student (local spec): logits equal (bitwise on CPU; reported on CUDA) and ms per decode forward."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     from megatron_tip.checkpoint import read_spec
     from megatron_tip.distributed import destroy_parallel, init_parallel
     from megatron_tip.models.builder import build_gpt_model
     from megatron_tip.models.hf.weights import load_hf_weights
-    from megatron_tip.rollout.kv_decoder import KVDecoder
+    from megatron_tip.testing.decode import decode_logits
 
     student = REPO / "examples" / "toy" / "models" / "student"
     spec = read_spec(student)
     init_parallel(1)
     model = build_gpt_model(spec, params_dtype=dtype, transformer_impl="local").eval()
     load_hf_weights(model, str(student), spec=spec)
-    b, prompt, total = 64, 16, 48
-    ids = torch.randint(0, spec.vocab_size, (b, total), device=device)
-    pos = torch.arange(total, device=device)[None].expand(b, -1)
-
-    def megatron_run() -> list[torch.Tensor]:
-        cache, out = StaticInferenceContext(b, total), []
-        for s0, s1 in [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]:
-            if s0:
-                cache.enable_decode_mode()
-            out.append(model(ids[:, s0:s1], pos[:, s0:s1], None, inference_context=cache,
-                             runtime_gather_output=True)[:, -1].float())
-            cache.increment_sequence_len_offset(s1 - s0)
-        return out
-
-    def lean_run() -> list[torch.Tensor]:
-        dec = KVDecoder(model, batch=b, max_len=total)
-        return [dec.step(ids[:, :prompt])] + [dec.step(ids[:, t:t + 1]) for t in range(prompt, total)]
-
-    with torch.no_grad():
-        ref, got = megatron_run(), lean_run()
-        bitwise = all(torch.equal(x, y) for x, y in zip(ref, got))
-        diff = max(float((x - y).abs().max()) for x, y in zip(ref, got))
-        ms = {name: 1e3 * _timed(fn, device=device, repeats=repeats) / (total - prompt + 1)
-              for name, fn in (("megatron", megatron_run), ("kv_decoder", lean_run))}
+    prompt, total = 16, 48
+    ids = torch.randint(0, spec.vocab_size, (64, total), device=device)
+    ref, got = (decode_logits(model, ids, prompt=prompt, lean=lean) for lean in (False, True))
+    bitwise = all(torch.equal(x, y) for x, y in zip(ref, got))
+    diff = max(float((x - y).abs().max()) for x, y in zip(ref, got))
+    ms = {name: 1e3 * _timed(lambda lean=lean: decode_logits(model, ids, prompt=prompt, lean=lean), device=device,
+                             repeats=repeats) / (total - prompt + 1)
+          for name, lean in (("megatron", False), ("kv_decoder", True))}
     destroy_parallel()
     report("kv_decoder", bitwise=bitwise, max_abs_logit_diff=diff, ms_per_forward_megatron=ms["megatron"],
            ms_per_forward_kv_decoder=ms["kv_decoder"], ok=bitwise or (device.type == "cuda" and diff <= 1e-2))

@@ -27,37 +27,19 @@ SPECS = {
 
 
 def _compare(rank, world, tp, name, dtype):
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     from megatron_tip.distributed import init_parallel
     from megatron_tip.models import build_gpt_model
-    from megatron_tip.rollout.kv_decoder import KVDecoder, unsupported
+    from megatron_tip.rollout.kv_decoder import unsupported
+    from megatron_tip.testing.decode import decode_logits
 
     ctx = init_parallel(tp, seed=3)
     model = build_gpt_model(SPECS[name], tp=tp, params_dtype=dtype).eval()
     assert unsupported(model) is None, unsupported(model)
-    b, prompt, total = 5, 6, 14
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, SPECS[name].vocab_size, (b, total), generator=g)
-    pos = torch.arange(total).unsqueeze(0).expand(b, -1)
-    cache = StaticInferenceContext(b, total)
-    dec = KVDecoder(model, batch=b, max_len=total)
-    same, worst = [], 0.0
-    with torch.no_grad():
-        for s0, s1 in [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]:
-            if s0 > 0:
-                cache.enable_decode_mode()
-            ref = model(ids[:, s0:s1], pos[:, s0:s1], None, inference_context=cache,
-                        runtime_gather_output=True)[:, -1].float()
-            cache.increment_sequence_len_offset(s1 - s0)
-            got = dec.step(ids[:, s0:s1])  # [b, V/TP]
-            if tp > 1:
-                shards = [torch.empty_like(got) for _ in range(tp)]
-                torch.distributed.all_gather(shards, got, group=ctx.tp_group)
-                got = torch.cat(shards, dim=-1)
-            same.append(torch.equal(got, ref))
-            worst = max(worst, (got - ref).abs().max().item())
-    return same, worst
+    ids = torch.randint(0, SPECS[name].vocab_size, (5, 14), generator=g)  # prefill 6, then 8 decode steps
+    ref = decode_logits(model, ids, prompt=6, lean=False)
+    got = decode_logits(model, ids, prompt=6, lean=True, tp_group=ctx.tp_group)
+    return [torch.equal(a, b) for a, b in zip(got, ref)], max((a - b).abs().max().item() for a, b in zip(got, ref))
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
