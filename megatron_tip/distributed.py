@@ -105,9 +105,11 @@ def init_parallel(
     from megatron.core import tensor_parallel
 
     from megatron_tip.compat.cpu import apply_cpu_shims
+    from megatron_tip.compat.rope import apply_rope_without_empty_cat
 
     use_cuda = torch.cuda.is_available()
     apply_cpu_shims()
+    apply_rope_without_empty_cat()  # bitwise megatron's values, one copy fewer (compat/rope.py)
     if not dist.is_initialized():
         rank = _env_int("RANK", "SLURM_PROCID", default=0)
         world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)

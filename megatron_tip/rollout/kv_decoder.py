@@ -101,7 +101,13 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     t, t_pass = t[..., :rot], t[..., rot:]
     x1, x2 = torch.chunk(t, 2, dim=-1)
     t = (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
-    return torch.cat((t, t_pass), dim=-1)
+    # megatron always concatenates t_pass; when it is empty that is only a copy of the same values
+    return torch.cat((t, t_pass), dim=-1) if t_pass.shape[-1] else t
+
+
+# Fewest rows ``KVDecoder.keep`` shrinks a batch to: BLAS kernels may take another path for tiny
+# matrices (on this machine's MKL a row's matmul result is bitwise the same for >= 4 rows).
+MIN_ROWS = 8
 
 
 class KVDecoder:
@@ -127,6 +133,21 @@ class KVDecoder:
         self.cache = [(torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev))
                       for _ in gpt.decoder.layers]
         self.share = gpt.share_embeddings_and_output_weights
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Shrink the batch to ``rows`` [n] (positions in the current batch, in the new order): later
+        ``step`` calls take ids [n, s]. Only the filled prefix of each cache is copied.
+
+        Every op of the forward treats batch rows independently (norms, attention per row and
+        head, matmuls row by row), so the kept rows' logits stay those of the full batch; checked
+        bitwise for batches of at least ``MIN_ROWS`` rows (tests/integration/test_kv_decoder.py).
+        """
+        def sub(c: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((c.shape[0], rows.numel(), *c.shape[2:]), dtype=c.dtype, device=c.device)
+            out[:self.offset] = c[:self.offset, rows]
+            return out
+
+        self.cache = [(sub(k), sub(v)) for k, v in self.cache]
 
     def _attention(self, i: int, layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         att = layer.self_attention

@@ -150,14 +150,15 @@ class MegatronEngine(EngineBase):
         return host.to(dev), torch.tensor(lengths, device=dev), gens, stop
 
     def _kv_forward(self, batch: int, total: int):
-        """``forward(ids [B, s]) -> fp32 logits [B, V_true]`` at the last new position, with a KV cache
-        over ``total`` positions: ``KVDecoder`` where it supports the model (the same logits, less
-        overhead), else megatron-core's ``StaticInferenceContext``."""
+        """``(forward, keep)``: ``forward(ids [B, s]) -> fp32 logits [B, V_true]`` at the last new
+        position, with a KV cache over ``total`` positions; ``keep(rows)`` drops the other rows from
+        the batch (None: it cannot). ``KVDecoder`` where it supports the model (the same logits,
+        less overhead), else megatron-core's ``StaticInferenceContext`` (no ``keep``)."""
         from megatron_tip.rollout.kv_decoder import KVDecoder, unsupported
 
         if self.lean_decode and unsupported(self.model) is None:
             dec = KVDecoder(self.model, batch=batch, max_len=total)
-            return lambda ids: self._gather_vocab(dec.step(ids))
+            return (lambda ids: self._gather_vocab(dec.step(ids))), dec.keep
         from megatron.core.inference.contexts import StaticInferenceContext
 
         cache = StaticInferenceContext(batch, total)
@@ -172,7 +173,7 @@ class MegatronEngine(EngineBase):
                                 runtime_gather_output=True)
             cache.increment_sequence_len_offset(ids.shape[1])
             return logits[:, -1, : self.vocab_size].float()
-        return forward
+        return forward, None
 
     def _generate_rows_kv(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         ids, plens, gens, stop = self._batch(prompts, rows, params)
@@ -185,7 +186,10 @@ class MegatronEngine(EngineBase):
         noise = (RowNoise(gens, vocab=self.vocab_size, max_draws=params.max_new_tokens, device=ids.device)
                  if params.temperature > 0 and ids.device.type == "cpu" else None)
         self.model.eval()
-        forward = self._kv_forward(b, total)
+        forward, keep = self._kv_forward(b, total)
+        # The decode batch holds rows ``alive`` (row r at position slot[r]); finished rows leave it.
+        alive = torch.arange(b, device=ids.device)
+        slot = alive.clone()
         start = int(plens.min())
         full = forward(ids[:, :start])
         for t in range(start, total):
@@ -193,17 +197,21 @@ class MegatronEngine(EngineBase):
             rows_now = sampling.nonzero()[:, 0]
             if rows_now.numel():
                 k = t - plens[rows_now]  # each sampling row's draw index
+                logits = full[slot[rows_now]]
                 if noise is not None:
-                    nxt, chosen = self._draw(full[rows_now], [], params, noise.take(rows_now, k))
+                    nxt, chosen = self._draw(logits, [], params, noise.take(rows_now, k))
                 else:
-                    nxt, chosen = self._draw(full[rows_now], [gens[r] for r in rows_now.tolist()], params)
+                    nxt, chosen = self._draw(logits, [gens[r] for r in rows_now.tolist()], params)
                 ids[rows_now, t] = nxt
                 lps[rows_now, k] = chosen
                 drawn[rows_now] += 1
                 done[rows_now] |= torch.isin(nxt, stop)
-            if bool((done | (t + 1 >= ends)).all()) or t + 1 == total:
+            finished = done | (t + 1 >= ends)
+            if bool(finished.all()) or t + 1 == total:
                 break
-            full = forward(ids[:, t:t + 1])
+            if keep is not None:
+                alive = self._shrink(alive, finished, keep, slot)
+            full = forward(ids[alive, t:t + 1])
         out = []
         counts, starts, ids_h, lps_h, fin = drawn.tolist(), plens.tolist(), ids.tolist(), lps.tolist(), done.tolist()
         for r, (i, _) in enumerate(rows):
@@ -211,6 +219,26 @@ class MegatronEngine(EngineBase):
             out.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]), response_ids=ids_h[r][p0:p0 + n],
                                logprobs=lps_h[r][:n], finished=fin[r]))
         return out
+
+    @staticmethod
+    def _shrink(alive: torch.Tensor, finished: torch.Tensor, keep, slot: torch.Tensor) -> torch.Tensor:
+        """Once at most 3/4 of the decode batch still generates, drop its finished rows (keeping at
+        least ``kv_decoder.MIN_ROWS``): a decode step costs about its rows. Updates ``slot``; returns
+        the new ``alive`` [n]. Every TP rank holds the same tokens, so all shrink alike."""
+        from megatron_tip.rollout.kv_decoder import MIN_ROWS
+
+        n = alive.numel()
+        fin = finished[alive]
+        live = int((~fin).sum())
+        if n <= MIN_ROWS or live > n * 3 // 4:
+            return alive
+        pos = (~fin).nonzero()[:, 0]
+        if live < MIN_ROWS:  # fill up with finished rows (their logits are never read)
+            pos = torch.cat([pos, fin.nonzero()[:MIN_ROWS - live, 0]]).sort().values
+        keep(pos)
+        alive = alive[pos]
+        slot[alive] = torch.arange(alive.numel(), device=alive.device)
+        return alive
 
     def _generate_rows_recompute(self, prompts, rows, params: SamplingParams) -> list[Rollout]:
         ids, plens, gens, stop = self._batch(prompts, rows, params)

@@ -3,8 +3,9 @@
 Reference: ``GPTModel(..., inference_context=StaticInferenceContext)``, megatron-core's inference
 path, on the same weights: prefill of a prompt block, then one position at a time, at TP=1 and
 TP=2 (gloo), for each family the converter supports (Qwen3 QK-norm, Qwen2 QKV bias, Llama-3 RoPE
-scaling, GQA, tied and untied output layers) and bf16. Then the engine: KVDecoder on and off give
-the same tokens and log-probs.
+scaling, GQA, tied and untied output layers) and bf16; the same after rows leave the batch
+(``KVDecoder.keep``). Then the engine: KVDecoder on (finished rows dropped) and off give the same
+tokens and log-probs.
 """
 import pytest
 import torch
@@ -59,6 +60,33 @@ def test_logits_bitwise_equal_to_megatron_inference_tp2(name):
         assert all(same), (name, same, worst)
 
 
+def _compare_shrunk(rank, world, tp, name):
+    from megatron_tip.distributed import init_parallel
+    from megatron_tip.models import build_gpt_model
+    from megatron_tip.rollout.kv_decoder import MIN_ROWS
+    from megatron_tip.testing.decode import decode_logits
+
+    ctx = init_parallel(tp, seed=3)
+    model = build_gpt_model(SPECS[name], tp=tp).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SPECS[name].vocab_size, (13, 14), generator=g)  # prefill 6, then 8 decode steps
+    # after step 2 keep 10 of the 13 rows, after step 5 MIN_ROWS of those
+    first = [0, 2, 3, 5, 6, 7, 9, 10, 11, 12]
+    second = [1, 2, 3, 4, 5, 6, 8, 9][:MIN_ROWS]
+    ref = decode_logits(model, ids, prompt=6, lean=False)
+    got = decode_logits(model, ids, prompt=6, lean=True, tp_group=ctx.tp_group, keep={2: first, 5: second})
+    rows = [list(range(13))] * 3 + [first] * 3 + [[first[j] for j in second]] * 3
+    return [torch.equal(a, r[idx]) for a, r, idx in zip(got, ref, rows)]
+
+
+@pytest.mark.parametrize("tp,name", [(1, "qwen3_tied"), (1, "qwen2_bias"), (2, "llama3_gqa")])
+def test_dropping_rows_keeps_the_other_rows_logits_bitwise(tp, name):
+    """KVDecoder.keep (the engine drops finished rows): the kept rows' logits stay bitwise those of
+    megatron's full batch, down to MIN_ROWS rows."""
+    for same in run_distributed(_compare_shrunk, tp, tp, name):
+        assert len(same) == 9 and all(same), same
+
+
 def _unsupported_pp2(rank, world):
     from megatron_tip.distributed import init_parallel
     from megatron_tip.models import build_gpt_model
@@ -79,18 +107,28 @@ def _engine_rollouts(rank, world, root, teacher, student, lean):
     from megatron_tip.rollout.base import SamplingParams
     from tests.helpers.trainer_cases import overrides
 
+    from megatron_tip.rollout.kv_decoder import KVDecoder
+
     setup = build(load_config(None, overrides(root, teacher, student)), init_parallel(1))
     setup.engine.lean_decode = lean
-    prompts = [p.ids for p in setup.dataset.prompts[:4]]
-    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5, stop_token_ids=(5,))
-    return [(r.response_ids, r.logprobs, r.finished) for r in setup.engine.generate(prompts, params)]
+    shrunk = []
+    keep = KVDecoder.keep
+    KVDecoder.keep = lambda self, rows: (shrunk.append(rows.numel()), keep(self, rows))[1]
+    try:
+        prompts = [p.ids for p in setup.dataset.prompts[:4]]
+        params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=5, stop_token_ids=(5,))
+        out = [(r.response_ids, r.logprobs, r.finished) for r in setup.engine.generate(prompts, params)]
+    finally:
+        KVDecoder.keep = keep
+    return out, shrunk
 
 
 def test_engine_tokens_and_logprobs_identical_with_and_without(tmp_path):
     from tests.helpers.trainer_cases import make_pair
 
     teacher, student = make_pair(tmp_path)
-    on = run_distributed(_engine_rollouts, 1, tmp_path, teacher, student, True)[0]
-    off = run_distributed(_engine_rollouts, 1, tmp_path, teacher, student, False)[0]
+    on, shrunk = run_distributed(_engine_rollouts, 1, tmp_path, teacher, student, True)[0]
+    off, none = run_distributed(_engine_rollouts, 1, tmp_path, teacher, student, False)[0]
     assert on == off
+    assert shrunk and not none, (shrunk, none)  # finished rows left the lean batch (megatron's path keeps them)
     assert len({len(r[0]) for r in on}) > 1  # rows of several lengths: early stops exercised

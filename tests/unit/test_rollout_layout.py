@@ -150,7 +150,7 @@ def test_step_layout_selects_the_mode():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train.packing=thd"], ("error: train.packing=thd packs rollouts by token budget: set "
+    (["train.packing=thd", "train.max_tokens_per_microbatch=0"], ("error: train.packing=thd packs rollouts by token budget: set "
                              "train.max_tokens_per_microbatch > 0")),
     (["train.packing=thd", "train.max_tokens_per_microbatch=1280"],  # CPU: megatron's local spec
      ("error: train.packing=thd needs Transformer Engine's layer spec, but student.transformer_impl=auto builds "
