@@ -105,6 +105,30 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((t, t_pass), dim=-1) if t_pass.shape[-1] else t
 
 
+def _decode_attention(core, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """megatron's ``DotProductAttention.forward`` for one query position in eval mode, its ops and
+    shapes without its per-call module work: q [1, B, np, hn], keys/values [sk, B, ng, hn] ->
+    context [1, B, np * hn]. With one query position megatron never masks and never takes the
+    fused softmax kernel (it needs sq % 4 == 0), and eval-mode dropout is the identity."""
+    rep = core.num_attention_heads_per_partition // core.num_query_groups_per_partition
+    if rep > 1:
+        keys, values = keys.repeat_interleave(rep, dim=2), values.repeat_interleave(rep, dim=2)
+    b, n, sk = q.size(1), q.size(2), keys.size(0)
+    scores = torch.baddbmm(torch.empty((b * n, 1, sk), dtype=q.dtype, device=q.device),  # beta=0: never read
+                           q.reshape(1, b * n, -1).transpose(0, 1), keys.view(sk, b * n, -1).transpose(0, 1).transpose(1, 2),
+                           beta=0.0, alpha=core.softmax_scale).view(b, n, 1, sk)
+    sm = core.scale_mask_softmax  # its torch path: fp32 softmax of (scaled) scores, cast back
+    if sm.input_in_float16 and sm.softmax_in_fp32:
+        scores = scores.float()
+    if sm.scale is not None:
+        scores = scores * sm.scale
+    probs = torch.softmax(scores, dim=-1)
+    if sm.input_in_float16 and sm.softmax_in_fp32:
+        probs = probs.half() if sm.input_in_fp16 else probs.bfloat16()
+    ctx = torch.bmm(probs.view(b * n, 1, -1), values.view(sk, b * n, -1).transpose(0, 1))
+    return ctx.view(b, n, 1, -1).permute(2, 0, 1, 3).contiguous().view(1, b, -1)
+
+
 # Fewest rows ``KVDecoder.keep`` shrinks a batch to: BLAS kernels may take another path for tiny
 # matrices (on this machine's MKL a row's matmul result is bitwise the same for >= 4 rows).
 MIN_ROWS = 8
@@ -164,8 +188,11 @@ class KVDecoder:
         keys[s0:s1] = _rope(k, self.cos[s0:s1], self.sin[s0:s1])  # cached after rotation (elementwise: same values)
         values[s0:s1] = v
         q = _rope(q, self.cos[s0:s1], self.sin[s0:s1])
-        # the model's own core attention: causal mask at prefill (offset 0, s > 1), none when decoding
-        ctx = att.core_attention(q, keys[:s1], values[:s1], None)
+        core = att.core_attention
+        if h.shape[0] == 1 and not core.training:
+            ctx = _decode_attention(core, q, keys[:s1], values[:s1])
+        else:  # the model's own core attention: causal mask at prefill (offset 0, s > 1)
+            ctx = core(q, keys[:s1], values[:s1], None)
         return _linear(att.linear_proj, ctx, row=True)
 
     @torch.no_grad()
