@@ -6,9 +6,11 @@ re-applied to the whole cached prefix at every step: the static inference contex
 before rotation). This forward reads the model's own parameters and calls the same tensor ops in
 the same order and shapes as megatron-core 0.16's local-spec path (``torch.matmul(x, W.t())``,
 the model's own norm and core-attention modules), but caches keys after rotation and computes
-cos/sin once. Logits are bitwise those of ``GPTModel(..., inference_context=StaticInferenceContext)``
-(tests/integration/test_kv_decoder.py, which also catches a megatron-core upgrade that changes
-those ops), so sampled tokens do not change. Checked on CPU only; it has not run on a GPU.
+cos/sin once; a one-position decode step runs megatron's ``DotProductAttention`` ops directly
+(``_decode_attention``) and finished rows can leave the batch (``keep``). Logits are bitwise
+those of ``GPTModel(..., inference_context=StaticInferenceContext)`` (tests/integration/
+test_kv_decoder.py, which also catches a megatron-core upgrade that changes those ops), so
+sampled tokens do not change. Checked on CPU only; it has not run on a GPU.
 
 ``unsupported(model)`` names the first feature outside that path (MoE, MLA, TE modules, sequence
 parallel, fused RoPE, ...); the engine then falls back to megatron-core's own inference path.
