@@ -81,6 +81,7 @@ class Trainer:
             "peak_memory_gb": peak_memory_gb(self.ctx.device),
             # positions each forward computes per real (prompt + response) position: 1 = no padding
             "padding_factor": processed_tokens(scored.microbatches) / float(batch.lengths.sum()),
+            "microbatches": float(len(scored.microbatches)),
         })
         return metrics
 

@@ -1,13 +1,17 @@
-"""The toy run's steps with fixed-row vs token-budget micro-batches, alternating in one trainer (issue #27).
+"""The toy run's steps with fixed-row vs token-budget micro-batches, in turn in one trainer (issue #27).
 
-One trainer of ``--config`` (tiny_cpu.yaml) runs ``--steps`` training steps; even steps use
-``train.max_tokens_per_microbatch=0`` (``train.micro_batch_size`` rows at the step's width), odd
-steps the budget ``--budget`` (length-sorted bins, each trimmed to its longest row). Both modes see
-the same machine load and the same stage of training. Prints the median non-rollout time (scoring,
-selection, gradient pass, optimizer), its scoring and gradient-pass parts, and the padding factor
-(positions computed / real positions) per mode, and the ratio.
+One trainer of ``--config`` (tiny_cpu.yaml) runs ``--steps`` training steps; step i uses the
+``i % len(budgets)``-th of ``--budgets``: 0 is ``train.max_tokens_per_microbatch=0``
+(``train.micro_batch_size`` rows at the step's width), N > 0 a token budget (length-sorted bins,
+each trimmed to its longest row). All modes see the same machine load and the same stage of
+training. Prints the median non-rollout time (scoring, selection, gradient pass, optimizer), its
+scoring and gradient-pass parts, the micro-batches per step and the padding factor (positions
+computed / real positions) per mode, and each mode's ratio to the first, of the time and of the
+time per response token (the modes run different steps, whose rollouts differ in length: with
+identical modes, ``--budgets 1280,2048,4096`` (the same bins: the pad tolerance binds first), the
+time ratios spread 0.89-1.00 over 8 steps per mode, so read differences below ~10% as noise).
 
-    OMP_NUM_THREADS=1 python tools/bench_toy_packing.py --steps 30 --budget 1280 selection.policy=all
+    OMP_NUM_THREADS=1 python tools/bench_toy_packing.py --steps 30 --budgets 0,1280 selection.policy=all
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--budget", type=int, default=1280)
+    ap.add_argument("--budgets", type=lambda v: [int(b) for b in v.split(",")], default=[0, 1280],
+                    help="comma-separated token budgets, 0 = fixed rows (default 0,1280)")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
     import torch
@@ -40,25 +45,28 @@ def main(argv: list[str] | None = None) -> dict:
                                         f"train.steps={args.steps}", *args.overrides])
         ctx = init_parallel(1, pp=1, seed=cfg.train.seed)
         trainer = Trainer(cfg, ctx, build(cfg, ctx))
-        modes = {"fixed rows": 0, f"budget {args.budget}": args.budget}
+        modes = {(f"budget {b}" if b else "fixed rows"): b for b in args.budgets}
         rec: dict[str, list[tuple[float, ...]]] = {name: [] for name in modes}
         for step in range(args.steps):
-            name = list(modes)[step % 2]
+            name = list(modes)[step % len(modes)]
             object.__setattr__(cfg.train, "max_tokens_per_microbatch", modes[name])  # read per step
             t0 = time.perf_counter()
             m = trainer.train_step(step)
             total = time.perf_counter() - t0
             if step >= 2:  # warm-up
                 rec[name].append((total - m["time_rollout_s"], m["time_score_s"], m["time_train_s"],
-                                  m["padding_factor"]))
+                                  m["padding_factor"], m["microbatches"],
+                                  m["score_tokens_per_s"] * m["time_score_s"]))
         destroy_parallel()
-    out = {name: [statistics.median(r[i] for r in rows) for i in range(4)] for name, rows in rec.items()}
-    for name, (rest, score, train, pad) in out.items():
-        print(f"{name:>12}: non-rollout {rest:.3f} s (scoring {score:.3f}, gradient pass + optimizer {train:.3f}); "
-              f"padding factor {pad:.2f}")
-    a, b = out.values()
-    print(f"non-rollout fixed rows / budget: {a[0] / b[0]:.2f} (> 1: the budget is faster); "
-          f"{len(next(iter(rec.values())))} steps per mode, medians")
+    for rows in rec.values():  # non-rollout ms per response token of its own step
+        rows[:] = [(*r, 1e3 * r[0] / r[5]) for r in rows]
+    out = {name: [statistics.median(r[i] for r in rows) for i in range(7)] for name, rows in rec.items()}
+    first = next(iter(out.values()))
+    for name, (rest, score, train, pad, mbs, _, per_tok) in out.items():
+        print(f"{name:>12}: non-rollout {rest:.3f} s (scoring {score:.3f}, gradient pass + optimizer {train:.3f}), "
+              f"{per_tok:.3f} ms per response token; {mbs:.0f} micro-batches, padding factor {pad:.2f}; "
+              f"{next(iter(out))} / this: time {first[0] / rest:.2f}, per token {first[6] / per_tok:.2f}")
+    print(f"({len(next(iter(rec.values())))} steps per mode, medians; a ratio > 1: this mode is faster)")
     return out
 
 
