@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="comma-separated token budgets, 0 = fixed rows (default 0,1280)")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
+    if len(set(args.budgets)) < len(args.budgets) or min(args.budgets) < 0:
+        ap.error(f"--budgets needs distinct values >= 0, got {args.budgets}")
+    if args.steps < 2 + len(args.budgets):  # 2 warm-up steps, then one step per mode at least
+        ap.error(f"--steps {args.steps} is too few for {len(args.budgets)} modes: use >= {2 + len(args.budgets)}")
     import torch
 
     torch.set_num_threads(1)
@@ -46,27 +50,32 @@ def main(argv: list[str] | None = None) -> dict:
         ctx = init_parallel(1, pp=1, seed=cfg.train.seed)
         trainer = Trainer(cfg, ctx, build(cfg, ctx))
         modes = {(f"budget {b}" if b else "fixed rows"): b for b in args.budgets}
-        rec: dict[str, list[tuple[float, ...]]] = {name: [] for name in modes}
+        rec: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+        rows = cfg.train.prompts_per_step * cfg.rollout.samples_per_prompt
         for step in range(args.steps):
             name = list(modes)[step % len(modes)]
             object.__setattr__(cfg.train, "max_tokens_per_microbatch", modes[name])  # read per step
             t0 = time.perf_counter()
             m = trainer.train_step(step)
-            total = time.perf_counter() - t0
-            if step >= 2:  # warm-up
-                rec[name].append((total - m["time_rollout_s"], m["time_score_s"], m["time_train_s"],
-                                  m["padding_factor"], m["microbatches"],
-                                  m["score_tokens_per_s"] * m["time_score_s"]))
+            rest = time.perf_counter() - t0 - m["time_rollout_s"]
+            if m.get("skipped"):  # no timings: the step did no update
+                print(f"step {step} ({name}) skipped: left out of the medians")
+            elif step >= 2:  # warm-up
+                rec[name].append({"rest": rest, "score": m["time_score_s"], "train": m["time_train_s"],
+                                  "pad": m["padding_factor"], "mbs": m["microbatches"],
+                                  # non-rollout ms per response token of its own step
+                                  "per_tok": 1e3 * rest / (m["response_len"] * rows)})
         destroy_parallel()
-    for rows in rec.values():  # non-rollout ms per response token of its own step
-        rows[:] = [(*r, 1e3 * r[0] / r[5]) for r in rows]
-    out = {name: [statistics.median(r[i] for r in rows) for i in range(7)] for name, rows in rec.items()}
-    first = next(iter(out.values()))
-    for name, (rest, score, train, pad, mbs, _, per_tok) in out.items():
-        print(f"{name:>12}: non-rollout {rest:.3f} s (scoring {score:.3f}, gradient pass + optimizer {train:.3f}), "
-              f"{per_tok:.3f} ms per response token; {mbs:.0f} micro-batches, padding factor {pad:.2f}; "
-              f"{next(iter(out))} / this: time {first[0] / rest:.2f}, per token {first[6] / per_tok:.2f}")
-    print(f"({len(next(iter(rec.values())))} steps per mode, medians; a ratio > 1: this mode is faster)")
+    if not all(rec.values()):
+        raise SystemExit(f"no timed step left for {[n for n, r in rec.items() if not r]}: use more --steps")
+    out = {name: {k: statistics.median(r[k] for r in recs) for k in recs[0]} for name, recs in rec.items()}
+    first_name, first = next(iter(out.items()))
+    for name, o in out.items():
+        print(f"{name:>12}: non-rollout {o['rest']:.3f} s (scoring {o['score']:.3f}, gradient pass + optimizer "
+              f"{o['train']:.3f}), {o['per_tok']:.3f} ms per response token; {o['mbs']:.0f} micro-batches, "
+              f"padding factor {o['pad']:.2f}; {first_name} / this: time {first['rest'] / o['rest']:.2f}, "
+              f"per token {first['per_tok'] / o['per_tok']:.2f}")
+    print(f"({len(rec[first_name])} steps per mode, medians; a ratio > 1: this mode is faster)")
     return out
 
 
